@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Builds the fork: the pristine upstream release, then patches/, then the files this repository
+# adds (as links, so editing them here needs no export step). Subcommands:
+#   fetch          download the pinned sdist into .cache/upstream and check its sha256
+#   fork           (re)create build/fork, refusing to discard edits that patches/ lacks
+#   patches        regenerate patches/ from the commits in build/fork
+#   patches-check  exit 1, naming the files, if build/fork edits upstream files beyond patches/
+#   pristine DIR   unpack the pristine release into DIR as a git repository (for `make pr`)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+# shellcheck source=../upstream.env
+. ./upstream.env
+
+CACHE=.cache/upstream
+SDIST="$CACHE/$UPSTREAM_NAME-$UPSTREAM_VERSION.tar.gz"
+FORK=build/fork
+PYTHON=${PYTHON:-.venv/bin/python}
+# Upstream paths under which this repository keeps the files the pull request adds.
+ADDED_ROOTS=(transformer_lens tests docs demos)
+
+die() { echo "fork.sh: $*" >&2; exit 1; }
+fgit() { git -C "$FORK" "$@"; }
+
+fetch() {
+    if [ ! -f "$SDIST" ]; then
+        mkdir -p "$CACHE"
+        "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --dest "$CACHE" \
+            "$UPSTREAM_NAME==$UPSTREAM_VERSION" ||
+            python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$CACHE" \
+                "$UPSTREAM_NAME==$UPSTREAM_VERSION"
+    fi
+    echo "$UPSTREAM_SHA256  $SDIST" | sha256sum --check --quiet ||
+        die "$SDIST does not match the pinned sha256 in upstream.env; delete it and retry"
+}
+
+# Unpack the pristine release into $1 as a git repository with one commit, tagged `upstream`.
+pristine() {
+    local dir=$1
+    fetch
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    tar -xzf "$SDIST" --strip-components=1 -C "$dir"
+    git -C "$dir" init --quiet --initial-branch=main
+    git -C "$dir" config user.name "transformer-lens fork build"
+    git -C "$dir" config user.email "fork-build@localhost"
+    printf '%s\n' '__pycache__/' '*.egg-info/' '.pytest_cache/' '.mypy_cache/' '_build/' \
+        >"$dir/.git/info/exclude"
+    git -C "$dir" add --all
+    git -C "$dir" commit --quiet \
+        -m "Pristine $UPSTREAM_NAME $UPSTREAM_VERSION (sdist sha256 $UPSTREAM_SHA256)"
+    git -C "$dir" tag upstream
+}
+
+upstream_files() { fgit ls-tree -r --name-only upstream; }
+
+# The tree that pristine + patches/ gives, written to the fork's object store.
+expected_tree() {
+    local index
+    index=$(mktemp)
+    GIT_INDEX_FILE=$index fgit read-tree upstream
+    for patch in patches/*.patch; do
+        [ -e "$patch" ] || continue
+        GIT_INDEX_FILE=$index fgit apply --cached "$ROOT/$patch"
+    done
+    GIT_INDEX_FILE=$index fgit write-tree
+    rm -f "$index"
+}
+
+# Files in build/fork whose content differs from pristine + patches/, or that nothing tracks.
+unexported_edits() {
+    local tree
+    tree=$(expected_tree)
+    upstream_files | (cd "$FORK" && xargs -d '\n' git diff --name-only "$tree" --)
+    fgit ls-files --others --exclude-standard
+}
+
+patches_check() {
+    [ -d "$FORK/.git" ] || { echo "no $FORK yet: nothing to check"; return 0; }
+    local edits
+    edits=$(unexported_edits)
+    if [ -n "$edits" ]; then
+        echo "build/fork holds edits that patches/ lacks:" >&2
+        printf '  %s\n' $edits >&2
+        echo "Commit them in build/fork and run 'make patches' (edits to upstream files), or" \
+            "move new files into this repository at their upstream path." >&2
+        return 1
+    fi
+    echo "patches-check: build/fork matches pristine $UPSTREAM_VERSION + patches/"
+}
+
+patches() {
+    [ -d "$FORK/.git" ] || die "no $FORK: run 'make fork' first"
+    local dirty
+    dirty=$(upstream_files | (cd "$FORK" && xargs -d '\n' git diff --name-only HEAD --))
+    [ -z "$dirty" ] || die "uncommitted edits in build/fork, commit them first: $dirty"
+    rm -f patches/*.patch
+    mkdir -p patches
+    upstream_files | (cd "$FORK" && xargs -d '\n' git format-patch --quiet --zero-commit \
+        --no-signature --output-directory "$ROOT/patches" upstream..HEAD --)
+    ls patches
+}
+
+# Link each added file from build/fork to this repository, at the shallowest missing directory.
+link_added_files() {
+    local file target
+    git ls-files --cached --others --exclude-standard -- "${ADDED_ROOTS[@]}" | while read -r file; do
+        target=$file
+        while [ "$(dirname "$target")" != . ] && [ ! -e "$FORK/$(dirname "$target")" ]; do
+            target=$(dirname "$target")
+        done
+        if [ -L "$FORK/$target" ]; then continue; fi
+        [ ! -e "$FORK/$target" ] || die "$target exists upstream: change it with a patch instead"
+        ln -sr "$ROOT/$target" "$FORK/$target"
+    done
+}
+
+fork() {
+    if [ -d "$FORK/.git" ] && ! patches_check >/dev/null; then
+        patches_check || true
+        die "refusing to rebuild $FORK: run 'make patches' first, or delete $FORK to discard"
+    fi
+    pristine "$FORK"
+    for patch in patches/*.patch; do
+        [ -e "$patch" ] || continue
+        fgit am --quiet --committer-date-is-author-date "$ROOT/$patch"
+    done
+    link_added_files
+    fgit add --all
+    fgit commit --quiet --allow-empty -m "Add the pull request's new files (links into the repository)"
+    "$PYTHON" -m pip install --quiet --constraint requirements/constraints.txt --no-build-isolation \
+        --editable "$FORK"
+    echo "build/fork: $UPSTREAM_NAME $UPSTREAM_VERSION + $(ls patches/*.patch 2>/dev/null | wc -l)" \
+        "patches + added files; installed editable into $(dirname "$(dirname "$PYTHON")")"
+}
+
+case "${1:-}" in
+fetch) fetch ;;
+fork) fork ;;
+patches) patches ;;
+patches-check) patches_check ;;
+pristine) pristine "${2:?usage: fork.sh pristine DIR}" ;;
+*) die "usage: $0 fetch|fork|patches|patches-check|pristine DIR" ;;
+esac
