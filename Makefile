@@ -17,7 +17,7 @@ DOCTESTS := build/fork/transformer_lens/utilities \
 # Python files this repository adds (checked by black, isort and mypy).
 OUR_PY = $(shell git ls-files --cached --others --exclude-standard -- '*.py')
 
-.PHONY: setup venv fork example test unit acceptance doctest lint format patches patches-check \
+.PHONY: setup venv fork link example test unit acceptance doctest lint format patches patches-check \
 	constraints clean
 
 ## setup: create the virtualenv with pinned dependencies, build the fork, run the offline example
@@ -38,17 +38,21 @@ fork: $(PY)
 example:
 	$(PY) examples/quickstart.py
 
+## link: make files newly added to this repository visible in build/fork
+link:
+	PYTHON=$(PY) tools/fork.sh link
+
 ## test: unit and acceptance tests plus the doctests of the changed code, offline
-test:
+test: link
 	$(PYTEST) tests --doctest-modules $(DOCTESTS)
 
-unit:
+unit: link
 	$(PYTEST) tests/unit
 
-acceptance:
+acceptance: link
 	$(PYTEST) tests/acceptance
 
-doctest:
+doctest: link
 	$(PYTEST) --doctest-modules $(DOCTESTS)
 
 ## lint: black, isort and mypy on the files we add, and on the patched upstream file

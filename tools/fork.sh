@@ -3,6 +3,7 @@
 # adds (as links, so editing them here needs no export step). Subcommands:
 #   fetch          download the pinned sdist into .cache/upstream and check its sha256
 #   fork           (re)create build/fork, refusing to discard edits that patches/ lacks
+#   link           link files added to this repository since the fork was built
 #   patches        regenerate patches/ from the commits in build/fork
 #   patches-check  exit 1, naming the files, if build/fork edits upstream files beyond patches/
 #   pristine DIR   unpack the pristine release into DIR as a git repository (for `make pr`)
@@ -116,6 +117,17 @@ link_added_files() {
     done
 }
 
+# Link files added to this repository since the fork was built (no rebuild, edits are kept).
+link() {
+    [ -d "$FORK/.git" ] || die "no $FORK: run 'make fork' first"
+    link_added_files
+    if [ -n "$(fgit status --porcelain -- "${ADDED_ROOTS[@]}" | grep '^??' || true)" ]; then
+        fgit ls-files --others --exclude-standard -z -- "${ADDED_ROOTS[@]}" |
+            xargs -0 -r git -C "$FORK" add --
+        fgit commit --quiet -m "Link files newly added to the repository"
+    fi
+}
+
 fork() {
     if [ -d "$FORK/.git" ] && ! patches_check >/dev/null; then
         patches_check || true
@@ -138,8 +150,9 @@ fork() {
 case "${1:-}" in
 fetch) fetch ;;
 fork) fork ;;
+link) link ;;
 patches) patches ;;
 patches-check) patches_check ;;
 pristine) pristine "${2:?usage: fork.sh pristine DIR}" ;;
-*) die "usage: $0 fetch|fork|patches|patches-check|pristine DIR" ;;
+*) die "usage: $0 fetch|fork|link|patches|patches-check|pristine DIR" ;;
 esac
