@@ -13,14 +13,22 @@ the scale cached on the forward pass, so that components add up to the normalize
 (direct logit attribution).
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
+from transformer_lens.components import (
+    LayerNorm,
+    LayerNormPre,
+    RMSNorm,
+    RMSNormPre,
+    TransformerBlock,
+)
 
-from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+if TYPE_CHECKING:
+    from transformer_lens.HookedTransformer import HookedTransformer
 
 
 def resolve_norm_layer(layer: Optional[int], n_layers: int) -> int:
@@ -53,7 +61,7 @@ def resolve_norm_layer(layer: Optional[int], n_layers: int) -> int:
     return layer
 
 
-def get_target_norm(model: nn.Module, layer: int, mlp_input: bool) -> nn.Module:
+def get_target_norm(model: "HookedTransformer", layer: int, mlp_input: bool) -> nn.Module:
     """Get the norm module that reads the residual stream at the input to ``layer``.
 
     Args:
@@ -66,7 +74,8 @@ def get_target_norm(model: nn.Module, layer: int, mlp_input: bool) -> nn.Module:
         ``model.ln_final``, ``model.blocks[layer].ln1`` or ``model.blocks[layer].ln2``.
 
     Raises:
-        ValueError: If ``mlp_input`` is set for the unembed, which has no MLP.
+        ValueError: If ``mlp_input`` is set for the unembed or an attention-only model, which
+            have no MLP.
     """
     if layer == model.cfg.n_layers:
         if mlp_input:
@@ -76,7 +85,12 @@ def get_target_norm(model: nn.Module, layer: int, mlp_input: bool) -> nn.Module:
                 f"layer in [0, {layer - 1}]."
             )
         return model.ln_final
-    block = model.blocks[layer]
+    if mlp_input and model.cfg.attn_only:
+        raise ValueError(
+            "mlp_input=True asks for the MLP input, but this model is attention-only "
+            "(cfg.attn_only) and has no MLP norm: pass mlp_input=False."
+        )
+    block = cast(TransformerBlock, model.blocks[layer])
     return block.ln2 if mlp_input else block.ln1
 
 
@@ -117,6 +131,11 @@ def apply_fresh_norm(
         tensor([[-1.3416, -0.4472,  0.4472,  1.3416],
                 [-1.3416, -0.4472,  0.4472,  1.3416]], grad_fn=<NativeLayerNormBackward0>)
     """
+    if not isinstance(norm, (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)):
+        raise ValueError(
+            f"Cannot recompute a {type(norm).__name__}: fresh normalization supports LayerNorm, "
+            "LayerNormPre, RMSNorm and RMSNormPre. Use recompute_ln=False for the cached scale."
+        )
     d_model = norm.cfg.d_model
     if residual_stack.shape[-1] != d_model:
         raise ValueError(
@@ -130,9 +149,4 @@ def apply_fresh_norm(
     stack = residual_stack.to(device=device, dtype=norm.cfg.dtype)
     if isinstance(norm, (LayerNorm, LayerNormPre)):
         return F.layer_norm(stack, (d_model,), weight, bias, norm.eps)
-    if isinstance(norm, (RMSNorm, RMSNormPre)):
-        return F.rms_norm(stack, (d_model,), weight, norm.eps)
-    raise ValueError(
-        f"Cannot recompute a {type(norm).__name__}: fresh normalization supports LayerNorm, "
-        "LayerNormPre, RMSNorm and RMSNormPre. Use recompute_ln=False for the cached scale."
-    )
+    return F.rms_norm(stack, (d_model,), weight, norm.eps)
