@@ -23,15 +23,17 @@ OUR_PY = $(shell git ls-files --cached --others --exclude-standard -- '*.py')
 ## setup: create the virtualenv with pinned dependencies, build the fork, run the offline example
 setup: fork example
 
-$(PY): requirements/dev.txt requirements/constraints.txt
-	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+# A stamp, not $(PY) itself: the interpreter is a link into the base Python.
+VENV_STAMP := $(VENV)/.installed
+$(VENV_STAMP): requirements/dev.txt requirements/constraints.txt
+	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PIP) install --quiet --constraint requirements/constraints.txt -r requirements/dev.txt
-	touch $(PY)
+	touch $(VENV_STAMP)
 
-venv: $(PY)
+venv: $(VENV_STAMP)
 
 ## fork: materialize build/fork (pristine release + patches/ + our files) and install it editable
-fork: $(PY)
+fork: $(VENV_STAMP)
 	PYTHON=$(PY) tools/fork.sh fork
 
 ## example: a short logit lens, fresh normalization against the cached scale, offline

@@ -111,7 +111,8 @@ link_added_files() {
         while [ "$(dirname "$target")" != . ] && [ ! -e "$FORK/$(dirname "$target")" ]; do
             target=$(dirname "$target")
         done
-        if [ -L "$FORK/$target" ]; then continue; fi
+        # Already visible, through a link made earlier (to the file or a folder above it).
+        if [ "$(realpath -m "$FORK/$file")" = "$ROOT/$file" ]; then continue; fi
         [ ! -e "$FORK/$target" ] || die "$target exists upstream: change it with a patch instead"
         ln -sr "$ROOT/$target" "$FORK/$target"
     done
