@@ -60,13 +60,13 @@ doctest: link
 ## lint: black, isort and mypy on the files we add, and on the patched upstream file
 lint:
 	$(PY) -m black --check --line-length 100 $(OUR_PY) build/fork/transformer_lens/ActivationCache.py
-	$(PY) -m isort --check-only --profile black --line-length 100 $(OUR_PY)
+	$(PY) -m isort --check-only --profile black --line-length 100 --project transformer_lens $(OUR_PY)
 	cd build/fork && ../../$(PY) -m mypy transformer_lens/ActivationCache.py \
 		transformer_lens/utilities/fresh_normalization.py
 
 format:
 	$(PY) -m black --line-length 100 $(OUR_PY)
-	$(PY) -m isort --profile black --line-length 100 $(OUR_PY)
+	$(PY) -m isort --profile black --line-length 100 --project transformer_lens $(OUR_PY)
 
 ## patches: regenerate patches/ from the commits in build/fork
 patches:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
+
 from transformer_lens.components import (
     LayerNorm,
     LayerNormPre,
