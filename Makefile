@@ -13,7 +13,8 @@ PYTEST := $(PY) -m pytest -c pytest.ini -p no:cacheprovider
 # Doctests of the code this pull request adds or changes (upstream's other examples need the Hub).
 DOCTESTS := build/fork/transformer_lens/utilities \
 	build/fork/transformer_lens/ActivationCache.py::transformer_lens.ActivationCache.ActivationCache.accumulated_resid \
-	build/fork/transformer_lens/ActivationCache.py::transformer_lens.ActivationCache.ActivationCache.apply_ln_to_stack
+	build/fork/transformer_lens/ActivationCache.py::transformer_lens.ActivationCache.ActivationCache.apply_ln_to_stack \
+	build/fork/transformer_lens/ActivationCache.py::transformer_lens.ActivationCache.ActivationCache.logit_lens_stats
 # Python files this repository adds (checked by black, isort and mypy).
 OUR_PY = $(shell git ls-files --cached --others --exclude-standard -- '*.py')
 
@@ -25,9 +26,10 @@ setup: fork example
 
 # A stamp, not $(PY) itself: the interpreter is a link into the base Python.
 VENV_STAMP := $(VENV)/.installed
-$(VENV_STAMP): requirements/dev.txt requirements/constraints.txt
+REQUIREMENTS := $(filter-out requirements/constraints.txt,$(wildcard requirements/*.txt))
+$(VENV_STAMP): $(REQUIREMENTS) requirements/constraints.txt
 	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
-	$(PIP) install --quiet --constraint requirements/constraints.txt -r requirements/dev.txt
+	$(PIP) install --quiet --constraint requirements/constraints.txt $(addprefix -r ,$(REQUIREMENTS))
 	touch $(VENV_STAMP)
 
 venv: $(VENV_STAMP)

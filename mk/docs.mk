@@ -3,16 +3,10 @@
 # (docs/source/content/); docs-shim/ holds a minimal configuration outside upstream's tree.
 
 DOCS_BUILD := build/docs
-DOCS_STAMP := $(VENV)/.docs-requirements
-
 .PHONY: docs docs-test
 
-$(DOCS_STAMP): requirements/docs.txt requirements/constraints.txt
-	$(PIP) install --quiet --constraint requirements/constraints.txt -r requirements/docs.txt
-	touch $@
-
 ## docs: build the logit lens page and the API reference to build/docs/html (warnings are errors)
-docs: $(DOCS_STAMP) link
+docs: $(VENV_STAMP) link
 	rm -rf $(DOCS_BUILD)
 	mkdir -p $(DOCS_BUILD)/source/content
 	cp docs-shim/conf.py docs-shim/index.md docs-shim/api.md $(DOCS_BUILD)/source/

@@ -98,7 +98,7 @@ patches() {
     [ -z "$dirty" ] || die "uncommitted edits in build/fork, commit them first: $dirty"
     rm -f patches/*.patch
     mkdir -p patches
-    upstream_files | (cd "$FORK" && xargs -d '\n' git format-patch --quiet --zero-commit \
+    upstream_files | (cd "$FORK" && xargs -d '\n' git format-patch --quiet --zero-commit --no-numbered \
         --no-signature --output-directory "$ROOT/patches" upstream..HEAD --)
     ls patches
 }
