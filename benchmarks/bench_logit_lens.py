@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
-from transformer_lens.ActivationCache import ActivationCache
 
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities.logit_lens_stats import default_chunk_sizes
 
 GIB = 2**30

@@ -11,9 +11,9 @@ from typing import List, Optional
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformer_lens.ActivationCache import ActivationCache
 
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities.logit_lens_stats import LogitLensStats, compute_logit_lens_stats
 
 D_VOCAB = 203

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 import torch
 from jaxtyping import Float, Int
+
 from transformer_lens.utils import Slice, SliceInput
 
 if TYPE_CHECKING:
