@@ -64,7 +64,7 @@ lint:
 	$(PY) -m black --check --line-length 100 $(OUR_PY) build/fork/transformer_lens/ActivationCache.py
 	$(PY) -m isort --check-only --profile black --line-length 100 --project transformer_lens $(OUR_PY)
 	cd build/fork && ../../$(PY) -m mypy transformer_lens/ActivationCache.py \
-		transformer_lens/utilities/fresh_normalization.py
+		transformer_lens/utilities/fresh_normalization.py transformer_lens/utilities/logit_lens_stats.py
 
 format:
 	$(PY) -m black --line-length 100 $(OUR_PY)

@@ -11,6 +11,8 @@ docs: $(VENV_STAMP) link
 	mkdir -p $(DOCS_BUILD)/source/content
 	cp docs-shim/conf.py docs-shim/index.md docs-shim/api.md $(DOCS_BUILD)/source/
 	cp docs/source/content/logit_lens.md $(DOCS_BUILD)/source/content/
+	mkdir -p $(DOCS_BUILD)/source/_static
+	cp -R docs/source/_static/logit_lens $(DOCS_BUILD)/source/_static/
 	$(PY) -m sphinx -W --keep-going -b html -d $(DOCS_BUILD)/doctrees \
 		$(DOCS_BUILD)/source $(DOCS_BUILD)/html
 
