@@ -130,6 +130,16 @@ class _RunningLogSumExp:
         return self.sum.log() - self.weighted_shift / self.sum
 
 
+def _add_bias_and_soft_cap(
+    logits: Float[torch.Tensor, "... vocab"], bias: Float[torch.Tensor, "vocab"], soft_cap: float
+) -> Float[torch.Tensor, "... vocab"]:
+    """Finish float32 logits in place as the model does: add ``b_U``, then the output soft cap."""
+    logits += bias
+    if soft_cap > 0.0:
+        logits.div_(soft_cap).tanh_().mul_(soft_cap)
+    return logits
+
+
 def _unembed_chunk(
     residual: Float[torch.Tensor, "... d_model"],
     W_U_chunk: Float[torch.Tensor, "d_model vocab_chunk"],
@@ -137,11 +147,7 @@ def _unembed_chunk(
     soft_cap: float,
 ) -> Float[torch.Tensor, "... vocab_chunk"]:
     """Float32 logits of one vocabulary chunk, with the bias and the soft cap as the model has."""
-    logits = torch.matmul(residual.float(), W_U_chunk)
-    logits += b_U_chunk
-    if soft_cap > 0.0:
-        logits.div_(soft_cap).tanh_().mul_(soft_cap)
-    return logits
+    return _add_bias_and_soft_cap(torch.matmul(residual.float(), W_U_chunk), b_U_chunk, soft_cap)
 
 
 def _target_logits(
@@ -153,10 +159,7 @@ def _target_logits(
 ) -> Float[torch.Tensor, "layers n"]:
     """The target token's float32 logit for some layers and every row, without the others."""
     logits = torch.einsum("lnd,nd->ln", normalized, W_U[:, targets].T.float())
-    logits += b_U[targets].float()
-    if soft_cap > 0.0:
-        logits = soft_cap * torch.tanh(logits / soft_cap)
-    return logits
+    return _add_bias_and_soft_cap(logits, b_U[targets].float(), soft_cap)
 
 
 def _count_above(
