@@ -4,7 +4,7 @@
 #   fetch          download the pinned sdist into .cache/upstream and check its sha256
 #   fork           (re)create build/fork, refusing to discard edits that patches/ lacks
 #   link           link files added to this repository since the fork was built
-#   patches        regenerate patches/ from the commits in build/fork
+#   patches        regenerate patches/pr1 and patches/pr2 from build/fork (tools/series.py)
 #   patches-check  exit 1, naming the files, if build/fork edits upstream files beyond patches/
 #   pristine DIR   unpack the pristine release into DIR as a git repository (for `make pr`)
 set -euo pipefail
@@ -56,13 +56,15 @@ pristine() {
 
 upstream_files() { fgit ls-tree -r --name-only upstream; }
 
+# The patches of both pull requests, in the order they apply: the first PR's, then the second's.
+series_patches() { ls patches/pr1/*.patch patches/pr2/*.patch 2>/dev/null || true; }
+
 # The tree that pristine + patches/ gives, written to the fork's object store.
 expected_tree() {
     local index
     index=$(mktemp)
     GIT_INDEX_FILE=$index fgit read-tree upstream
-    for patch in patches/*.patch; do
-        [ -e "$patch" ] || continue
+    for patch in $(series_patches); do
         GIT_INDEX_FILE=$index fgit apply --cached "$ROOT/$patch"
     done
     GIT_INDEX_FILE=$index fgit write-tree
@@ -96,11 +98,7 @@ patches() {
     local dirty
     dirty=$(upstream_files | (cd "$FORK" && xargs -d '\n' git diff --name-only HEAD --))
     [ -z "$dirty" ] || die "uncommitted edits in build/fork, commit them first: $dirty"
-    rm -f patches/*.patch
-    mkdir -p patches
-    upstream_files | (cd "$FORK" && xargs -d '\n' git format-patch --quiet --zero-commit --no-numbered \
-        --no-signature --output-directory "$ROOT/patches" upstream..HEAD --)
-    ls patches
+    "$PYTHON" tools/series.py "$FORK" patches
 }
 
 # Link each added file from build/fork to this repository, at the shallowest missing directory.
@@ -135,8 +133,7 @@ fork() {
         die "refusing to rebuild $FORK: run 'make patches' first, or delete $FORK to discard"
     fi
     pristine "$FORK"
-    for patch in patches/*.patch; do
-        [ -e "$patch" ] || continue
+    for patch in $(series_patches); do
         fgit am --quiet --committer-date-is-author-date "$ROOT/$patch"
     done
     link_added_files
@@ -144,7 +141,7 @@ fork() {
     fgit commit --quiet --allow-empty -m "Add the pull request's new files (links into the repository)"
     "$PYTHON" -m pip install --quiet --constraint requirements/constraints.txt --no-build-isolation \
         --editable "$FORK"
-    echo "build/fork: $UPSTREAM_NAME $UPSTREAM_VERSION + $(ls patches/*.patch 2>/dev/null | wc -l)" \
+    echo "build/fork: $UPSTREAM_NAME $UPSTREAM_VERSION + $(series_patches | wc -l)" \
         "patches + added files; installed editable into $(dirname "$(dirname "$PYTHON")")"
 }
 

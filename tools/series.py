@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Writes patches/ from build/fork: one `git am` patch per edited upstream file, grouped by PR.
+
+Each pull request edits its own upstream files (FILES_OF_PR2 names the second one's; every other
+edited file belongs to the first), so the series of each is one commit per file, in a stable
+order: files already in patches/ keep their place and their commit message (edit the message in
+the patch file itself), new files come last with a placeholder message to rewrite. Dates and
+identity are fixed, so the same edits give the same bytes.
+
+Usage: tools/series.py build/fork patches
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PRS = ("pr1", "pr2")
+FILES_OF_PR2 = {
+    "transformer_lens/tools/analysis/logit_lens.py",
+    "docs/source/content/analysis_tools.md",
+}
+ENV = {
+    "GIT_AUTHOR_NAME": "transformer-lens fork build",
+    "GIT_AUTHOR_EMAIL": "fork-build@localhost",
+    "GIT_AUTHOR_DATE": "2026-11-25T00:00:00+00:00",
+    "GIT_COMMITTER_NAME": "transformer-lens fork build",
+    "GIT_COMMITTER_EMAIL": "fork-build@localhost",
+    "GIT_COMMITTER_DATE": "2026-11-25T00:00:00+00:00",
+}
+
+
+def git(fork: Path, *args: str, env: dict[str, str] | None = None, stdin: str = "") -> str:
+    full_env = {**os.environ, **ENV, **(env or {})}
+    result = subprocess.run(
+        ["git", "-C", str(fork), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        check=True,
+    )
+    return result.stdout
+
+
+def existing_messages(patch_dir: Path) -> list[tuple[str, str]]:
+    """(file, commit message) of each patch already in patch_dir, in series order."""
+    found = []
+    for patch in sorted(patch_dir.glob("*.patch")):
+        text = patch.read_text()
+        header, _, rest = text.partition("\n\n")
+        subject = re.search(r"^Subject: (?:\[PATCH[^\]]*\] )?(.*(?:\n .*)*)", header, re.M)
+        body = rest.split("\n---\n", 1)[0]
+        files = re.findall(r"^diff --git a/(\S+) b/", text, re.M)
+        if subject and files:
+            message = subject.group(1).replace("\n ", " ") + "\n\n" + body.strip() + "\n"
+            found.append((files[0], message))
+    return found
+
+
+def commit_files(fork: Path, parent: str, files: list[str], messages: dict[str, str]) -> str:
+    """Chain one commit per file on top of parent, each taking the file's content at HEAD."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        git(fork, "read-tree", parent, env=env)
+        for path in files:
+            entry = git(fork, "ls-tree", "HEAD", "--", path).split()
+            git(fork, "update-index", "--cacheinfo", f"{entry[0]},{entry[2]},{path}", env=env)
+            tree = git(fork, "write-tree", env=env).strip()
+            message = messages.get(path, f"Update {path}\n\nDescribe this change.\n")
+            parent = git(fork, "commit-tree", tree, "-p", parent, stdin=message).strip()
+    return parent
+
+
+def main(fork: Path, patches: Path) -> None:
+    edited = git(fork, "diff", "--name-only", "upstream", "HEAD", "--diff-filter=M").split()
+    base = "upstream"
+    for pr in PRS:
+        out = patches / pr
+        out.mkdir(parents=True, exist_ok=True)
+        mine = [f for f in edited if (f in FILES_OF_PR2) == (pr == "pr2")]
+        known = existing_messages(out)
+        order = [f for f, _ in known if f in mine] + sorted(
+            f for f in mine if f not in {g for g, _ in known}
+        )
+        tip = commit_files(fork, git(fork, "rev-parse", base).strip(), order, dict(known))
+        for old in out.glob("*.patch"):
+            old.unlink()
+        if order:
+            git(
+                fork,
+                "format-patch",
+                "--quiet",
+                "--zero-commit",
+                "--no-numbered",
+                "--no-signature",
+                "--output-directory",
+                str(out.resolve()),
+                f"{git(fork, 'rev-parse', base).strip()}..{tip}",
+            )
+        print(f"patches/{pr}: " + (", ".join(order) or "no edits"))
+        base = tip
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
