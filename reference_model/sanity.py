@@ -4,8 +4,8 @@ Usage::
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m reference_model.sanity
 
-Prints (1) the max abs difference of HookedTransformer vs HuggingFace log-probabilities for
-``fold_ln`` True and False, (2) top next-token predictions for a few prompts, (3) a hand-made
+Prints (1) the max abs difference of TransformerBridge vs Hugging Face log-probabilities in raw
+and compatibility mode, (2) top next-token predictions for a few prompts, (3) a hand-made
 logit lens on held-out text, for every layer, computed two ways: *fresh* (final LayerNorm applied
 with the residual's own statistics) and *cached* (residual centered and divided by the cached
 ``ln_final.hook_scale`` of the final residual), and (4) the residual-stream norm per layer.
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from reference_model.load import load_hf_model, load_hooked_model, load_tokenizer
+from reference_model.load import load_bridge, load_hf_model, load_tokenizer
 from reference_model.train import HELDOUT_EVERY, N_CTX, extract_text, stdlib_files
 
 PROMPTS = [
@@ -62,13 +62,13 @@ def main() -> None:
     loss = -hf_logprobs[:, :-1].gather(-1, tokens[:, 1:, None]).mean()
     print(f"held-out loss on {tuple(tokens.shape)} tokens: {loss:.3f} nats/token")
 
-    print("\n# HookedTransformer vs HF: max |log_softmax diff|")
-    for fold_ln in (True, False):
-        model = load_hooked_model(fold_ln=fold_ln)
+    print("\n# TransformerBridge vs HF: max |log_softmax diff|")
+    for compatibility_mode in (False, True):
+        model = load_bridge(compatibility_mode=compatibility_mode)
         diff = (model(tokens).log_softmax(-1) - hf_logprobs).abs().max().item()
-        print(f"fold_ln={fold_ln}: {diff:.2e}  (normalization_type={model.cfg.normalization_type})")
+        print(f"compatibility_mode={compatibility_mode}: {diff:.2e}")
 
-    model = load_hooked_model(fold_ln=True)
+    model = load_bridge(compatibility_mode=True)
     print("\n# Top-5 next tokens (final layer)")
     for prompt in PROMPTS:
         top = model(model.to_tokens(prompt))[0, -1].softmax(-1).topk(5)
@@ -86,7 +86,7 @@ def main() -> None:
     for i, name in enumerate(names):
         resid = cache[name]
         centered = resid - resid.mean(-1, keepdim=True)
-        fresh = model.unembed(model.ln_final(resid))[:, 1:]
+        fresh = model.unembed(model.ln_final.normalize_without_hooks(resid))[:, 1:]
         cached = model.unembed(centered / final_scale)[:, 1:]
         cached_no_bias = (centered / final_scale)[:, 1:] @ model.W_U
         top1 = fresh.argmax(-1)
@@ -100,7 +100,7 @@ def main() -> None:
             f"{norm:.2f}"
         )
     hf_fresh = hf_model.lm_head(hf_model.transformer.ln_f(hf_out.hidden_states[0]))[:, 1:]
-    own_fresh = model.unembed(model.ln_final(cache[names[0]]))[:, 1:]
+    own_fresh = model.unembed(model.ln_final.normalize_without_hooks(cache[names[0]]))[:, 1:]
     diff = (hf_fresh.log_softmax(-1) - own_fresh.log_softmax(-1)).abs().max().item()
     print(
         f"layer-0 fresh lens, HF ln_f + lm_head vs folded model: max |log_softmax diff| {diff:.2e}"

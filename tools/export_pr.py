@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Exports the two pull requests as `git format-patch` series against TransformerLens 4.3.0.
+
+Subcommands:
+    export   write dist/pr1/ and dist/pr2/: each series, DESCRIPTION.md (upstream's PR template,
+             filled from tools/prN_description.md.in, with the series' size), LEFT_OUT.md
+    check    apply dist/pr1 with `git am` to a fresh pristine release (never build/fork) and run
+             the tests it adds plus upstream's tests of the code it touches; then apply dist/pr2 on
+             top and do the same for it. Writes dist/prN/CHECK.md.
+
+A series is: the PR's edits to upstream files (patches/prN/, one commit per file), then one commit
+each for the groups of files the PR adds (tests, docs, demo). The second PR is stacked on the first.
+Identity, dates and git configuration are fixed, so a rerun gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "pr" / "series"
+CHECK_TREE = ROOT / "build" / "pr-check" / "tree"
+ENV = {
+    "GIT_AUTHOR_NAME": "transformer-lens fork build",
+    "GIT_AUTHOR_EMAIL": "fork-build@localhost",
+    "GIT_AUTHOR_DATE": "2026-11-25T00:00:00+00:00",
+    "GIT_COMMITTER_NAME": "transformer-lens fork build",
+    "GIT_COMMITTER_EMAIL": "fork-build@localhost",
+    "GIT_COMMITTER_DATE": "2026-11-25T00:00:00+00:00",
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Files a PR adds, committed together."""
+
+    paths: tuple[str, ...]
+    message: str
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    name: str
+    title: str
+    groups: tuple[Group, ...]
+    # Upstream's tests of the code the PR touches, run on the patched pristine tree by `check`.
+    upstream_tests: tuple[str, ...]
+
+
+PR1 = PullRequest(
+    "pr1",
+    "Fresh normalization at every norm target, hook-free (extends #1180)",
+    (
+        Group(
+            (
+                "tests/unit/test_activation_cache_recompute_ln.py",
+                "tests/integration/test_recompute_ln_hf_ground_truth.py",
+                "tests/acceptance/test_recompute_ln_pretrained.py",
+            ),
+            "Test recompute_ln against Hugging Face's own norm modules\n\n"
+            "Ground truth is independent of the new code: Hugging Face's norm modules applied\n"
+            "to Hugging Face's own pre-norm residuals, on GPT-2, GPT-NeoX, Llama and Gemma\n"
+            "built from configs with randomized norm weights and a residual that grows with\n"
+            "depth, raw and compatibility mode, float32 and bfloat16. Unit tests pin the\n"
+            "default to 4.3.0's results, count hooks, and check the cache is untouched.\n"
+            "gpt2 and pythia-70m run where their weights are cached and skip otherwise.",
+        ),
+        Group(
+            (
+                "docs/source/content/logit_lens.md",
+                "docs/source/_static/logit_lens/",
+                "tests/unit/test_logit_lens_docs_page.py",
+            ),
+            "Docs: the logit lens and direct logit attribution, side by side\n\n"
+            "Which question each normalization answers, why the cached scale acts as a\n"
+            "softmax temperature on early layers, recipes on TransformerBridge (run by the\n"
+            "test suite with their output checked) and a migration note per release line.",
+        ),
+        Group(
+            ("demos/Logit_Lens_Demo.ipynb",),
+            "Demo notebook: the logit lens with fresh normalization\n\n"
+            "Self-contained, Colab-ready, committed with outputs for nbval.",
+        ),
+    ),
+    (
+        "tests/unit/test_activation_cache.py",
+        "tests/unit/test_activation_cache_batch_dim.py",
+        "tests/unit/model_bridge/test_mixed_norm_decomposition.py",
+        "tests/unit/model_bridge/generalized_components/test_normalization_bridge.py",
+        "tests/unit/model_bridge/generalized_components/test_normalization_hook_semantics.py",
+        "tests/unit/tools/test_logit_lens.py",
+    ),
+)
+PR2 = PullRequest(
+    "pr2",
+    "Logit lens: KL to the final layer, target probability, bounded memory",
+    (
+        Group(
+            ("tests/unit/tools/test_logit_lens_statistics.py",),
+            "Test the logit-lens statistics against the naive full computation\n\n"
+            "log_softmax of the materialized logits is the reference: soft-capped and\n"
+            "bfloat16 models, odd chunk sizes, a vocabulary not divisible by the chunk.",
+        ),
+    ),
+    ("tests/unit/tools/test_logit_lens.py",),
+)
+PULL_REQUESTS = (PR1, PR2)
+
+
+def run(*args: str, cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV, **kwargs.pop("env", {})}
+    return subprocess.run(
+        args, cwd=cwd, env=env, check=check, text=True, capture_output=True, **kwargs
+    )
+
+
+def git(tree: Path, *args: str) -> str:
+    return run("git", *args, cwd=tree).stdout
+
+
+def pristine(tree: Path) -> None:
+    subprocess.run([str(ROOT / "tools" / "fork.sh"), "pristine", str(tree)], cwd=ROOT, check=True)
+
+
+def added_files(pr: PullRequest, group: Group) -> list[str]:
+    listed = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard", "--", *group.paths)
+    return sorted(listed.split())
+
+
+def commit_pr(tree: Path, pr: PullRequest) -> None:
+    """Apply the PR's patches to tree, then commit each group of the files it adds."""
+    for patch in sorted((ROOT / "patches" / pr.name).glob("*.patch")):
+        git(tree, "am", "--quiet", "--committer-date-is-author-date", str(patch))
+    for group in pr.groups:
+        files = added_files(pr, group)
+        if not files:
+            continue
+        for path in files:
+            target = tree / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((ROOT / path).read_bytes())
+        git(tree, "add", "--", *files)
+        git(tree, "commit", "--quiet", "-m", group.message)
+
+
+def description(pr: PullRequest, base: str, tree: Path, patches: list[Path]) -> str:
+    """The PR text: the template with the series and its size filled in."""
+    template = (ROOT / "tools" / f"{pr.name}_description.md.in").read_text()
+    stat = git(tree, "diff", "--shortstat", base, "HEAD").strip()
+    code_stat = git(tree, "diff", "--shortstat", base, "HEAD", "--", "transformer_lens").strip()
+    series = "\n".join(f"{i}. `{p.name}`" for i, p in enumerate(patches, 1))
+    return (
+        template.replace("@SIZE@", f"{stat}; library code only: {code_stat}")
+        .replace("@SERIES@", series)
+        .replace("@TITLE@", pr.title)
+    )
+
+
+def left_out() -> str:
+    exported = {
+        path for pr in PULL_REQUESTS for group in pr.groups for path in added_files(pr, group)
+    }
+    ours = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard").split()
+    rest = [path for path in ours if path not in exported]
+    lines = ["# Files of this repository that no pull request exports", ""]
+    lines += [
+        "Build, pins, repository-only checks (the trained reference model and its acceptance",
+        "test), benchmarks and tooling stay here; `patches/` is exported as the edits to",
+        "upstream files of each series.",
+        "",
+    ]
+    lines += [f"- `{path}`" for path in rest]
+    return "\n".join(lines) + "\n"
+
+
+def export() -> None:
+    tree = WORK
+    pristine(tree)
+    for pr in PULL_REQUESTS:
+        out = ROOT / "dist" / pr.name
+        if out.exists():
+            for old in out.iterdir():
+                old.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        start = git(tree, "rev-parse", "HEAD").strip()
+        commit_pr(tree, pr)
+        git(
+            tree,
+            "format-patch",
+            "--quiet",
+            "--zero-commit",
+            "--no-signature",
+            "--output-directory",
+            str(out),
+            f"{start}..HEAD",
+        )
+        patches = sorted(out.glob("*.patch"))
+        (out / "DESCRIPTION.md").write_text(description(pr, start, tree, patches))
+        (out / "LEFT_OUT.md").write_text(left_out())
+        print(f"dist/{pr.name}: {len(patches)} patches, {git(tree, 'diff', '--shortstat', start)}")
+
+
+def check(python: str) -> int:
+    tree = CHECK_TREE
+    pristine(tree)
+    status = 0
+    for pr in PULL_REQUESTS:
+        out = ROOT / "dist" / pr.name
+        for patch in sorted(out.glob("*.patch")):
+            git(tree, "am", "--quiet", str(patch))
+        ours = [
+            path
+            for group in pr.groups
+            for path in added_files(pr, group)
+            if re.match(r"tests/.*\.py$", path)
+        ]
+        command = [python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "not slow"]
+        command += ours + list(pr.upstream_tests)
+        result = run(
+            *command,
+            cwd=tree,
+            check=False,
+            env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        )
+        imported = run(
+            python, "-c", "import transformer_lens; print(transformer_lens.__file__)", cwd=tree
+        ).stdout.strip()
+        tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "(no output)"
+        report = (
+            f"# {pr.name}: applied with `git am` to pristine 4.3.0"
+            + (" + pr1" if pr is PR2 else "")
+            + f"\n\ntransformer_lens imported from: {imported}\n\n"
+            + f"pytest {' '.join(command[5:])}\n\nresult: {tail}\n"
+        )
+        (out / "CHECK.md").write_text(report)
+        print(f"{pr.name} on pristine 4.3.0{' + pr1' if pr is PR2 else ''}: {tail}")
+        if result.returncode != 0:
+            print(result.stdout[-4000:])
+            status = 1
+    return status
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("export")
+    check_parser = sub.add_parser("check")
+    check_parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args()
+    if args.command == "export":
+        export()
+        return 0
+    return check(args.python)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
