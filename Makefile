@@ -1,4 +1,4 @@
-# Builds and checks the fork of TransformerLens that carries the logit-lens pull request.
+# Builds and checks the fork of TransformerLens 4.3.0 that carries the two logit-lens pull requests.
 # The two commands a new user runs are `make setup` and `make test` (see README.md).
 
 PYTHON_BOOTSTRAP ?= python3
@@ -9,17 +9,28 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-PYTEST := $(PY) -m pytest -c pytest.ini -p no:cacheprovider
-# Doctests of the code this pull request adds or changes (upstream's other examples need the Hub).
-DOCTESTS := build/fork/transformer_lens/utilities \
-	build/fork/transformer_lens/ActivationCache.py::transformer_lens.ActivationCache.ActivationCache.accumulated_resid \
-	build/fork/transformer_lens/ActivationCache.py::transformer_lens.ActivationCache.ActivationCache.apply_ln_to_stack \
-	build/fork/transformer_lens/ActivationCache.py::transformer_lens.ActivationCache.ActivationCache.logit_lens_stats
-# Python files this repository adds (checked by black, isort and mypy).
-OUR_PY = $(shell git ls-files --cached --others --exclude-standard -- '*.py')
+FORK := build/fork
+PRISTINE := build/pristine
+# Run from the fork so that upstream's pyproject.toml (pytest options, black/isort config) applies.
+FORK_PY := ../../$(PY)
+PYTEST := $(FORK_PY) -m pytest -p no:cacheprovider
+# The tests the pull requests add (at upstream paths, linked into the fork).
+OUR_TESTS = $(shell git ls-files --cached --others --exclude-standard -- 'tests/*.py')
+# Doctests of the code the pull requests add; accumulated_resid's example needs a Hub model.
+DOCTESTS := transformer_lens/model_bridge/generalized_components/normalization.py::transformer_lens.model_bridge.generalized_components.normalization.NormalizationBridge.normalize_without_hooks
+# Upstream files the series edit, and the Python files it adds: upstream's format check covers them.
+SERIES_FILES = $(shell cd $(FORK) && git diff --name-only upstream HEAD --diff-filter=M -- '*.py') \
+	$(filter-out checks/% reference_model/% tools/% benchmarks/%,$(shell git ls-files --cached --others --exclude-standard -- '*.py'))
+# Upstream's tests of the code the pull requests touch: the cache, the norms, the logit-lens tool.
+UPSTREAM_TESTS := tests/unit/test_activation_cache.py tests/unit/test_activation_cache_batch_dim.py \
+	tests/unit/model_bridge/test_mixed_norm_decomposition.py \
+	tests/unit/model_bridge/generalized_components/test_normalization_bridge.py \
+	tests/unit/model_bridge/generalized_components/test_normalization_hook_semantics.py \
+	tests/unit/model_bridge/generalized_components/test_layernorm_weight_offset.py \
+	tests/unit/tools/test_logit_lens.py tests/integration/test_logit_lens.py
 
-.PHONY: setup venv fork link example test unit acceptance doctest lint format patches patches-check \
-	constraints clean
+.PHONY: setup venv fork link example test lint format patches patches-check upstream-compare \
+	upstream-compare-full backport-check constraints clean
 
 ## setup: create the virtualenv with pinned dependencies, build the fork, run the offline example
 setup: fork example
@@ -34,11 +45,11 @@ $(VENV_STAMP): $(REQUIREMENTS) requirements/constraints.txt
 
 venv: $(VENV_STAMP)
 
-## fork: materialize build/fork (pristine release + patches/ + our files) and install it editable
+## fork: materialize build/fork (pristine 4.3.0 + patches/ + our files) and install it editable
 fork: $(VENV_STAMP)
 	PYTHON=$(PY) tools/fork.sh fork
 
-## example: a short logit lens, fresh normalization against the cached scale, offline
+## example: a short logit lens on the shipped reference model, fresh against cached, offline
 example:
 	$(PY) examples/quickstart.py
 
@@ -46,37 +57,48 @@ example:
 link:
 	PYTHON=$(PY) tools/fork.sh link
 
-## test: unit and acceptance tests plus the doctests of the changed code, offline
+## test: the tests the pull requests add, their doctests, and this repository's own checks
 test: link
-	$(PYTEST) tests --doctest-modules $(DOCTESTS)
+	cd $(FORK) && $(PYTEST) $(OUR_TESTS) $(DOCTESTS)
+	$(PY) -m pytest -p no:cacheprovider checks
 
-unit: link
-	$(PYTEST) tests/unit
-
-acceptance: link
-	$(PYTEST) tests/acceptance
-
-doctest: link
-	$(PYTEST) --doctest-modules $(DOCTESTS)
-
-## lint: black, isort and mypy on the files we add, and on the patched upstream file
+## lint: upstream's check-format (pycln, isort, black with its config) and mypy, on the series
 lint:
-	$(PY) -m black --check --line-length 100 $(OUR_PY) build/fork/transformer_lens/ActivationCache.py
-	$(PY) -m isort --check-only --profile black --line-length 100 --project transformer_lens $(OUR_PY)
-	cd build/fork && ../../$(PY) -m mypy transformer_lens/ActivationCache.py \
-		transformer_lens/utilities/fresh_normalization.py transformer_lens/utilities/logit_lens_stats.py
+	cd $(FORK) && $(FORK_PY) -m pycln --check --all $(SERIES_FILES)
+	cd $(FORK) && $(FORK_PY) -m isort --check-only $(SERIES_FILES)
+	cd $(FORK) && $(FORK_PY) -m black --check $(SERIES_FILES)
+	cd $(FORK) && $(FORK_PY) -m mypy $(filter transformer_lens/%,$(SERIES_FILES))
 
+## format: upstream's format (pycln, isort, black) on the series' files
 format:
-	$(PY) -m black --line-length 100 $(OUR_PY)
-	$(PY) -m isort --profile black --line-length 100 --project transformer_lens $(OUR_PY)
+	cd $(FORK) && $(FORK_PY) -m pycln --all $(SERIES_FILES)
+	cd $(FORK) && $(FORK_PY) -m isort $(SERIES_FILES)
+	cd $(FORK) && $(FORK_PY) -m black $(SERIES_FILES)
 
-## patches: regenerate patches/ from the commits in build/fork
+## patches: regenerate patches/pr1 and patches/pr2 from the edits committed in build/fork
 patches:
 	PYTHON=$(PY) tools/fork.sh patches
 
 ## patches-check: fail, naming the files, if build/fork edits upstream files beyond patches/
 patches-check:
 	PYTHON=$(PY) tools/fork.sh patches-check
+
+$(PRISTINE)/.git:
+	PYTHON=$(PY) tools/fork.sh pristine $(PRISTINE)
+
+## upstream-compare: upstream's tests of the cache, norms and logit-lens tool, pristine vs fork
+upstream-compare: $(PRISTINE)/.git link
+	$(PY) tools/compare_suites.py --pristine $(PRISTINE) --fork $(FORK) \
+		--report-dir build/compare -m "not slow" $(UPSTREAM_TESTS)
+
+## upstream-compare-full: upstream's whole offline unit and integration suites (about an hour)
+upstream-compare-full: $(PRISTINE)/.git link
+	$(PY) tools/compare_suites.py --pristine $(PRISTINE) --fork $(FORK) \
+		--report-dir build/compare-full -m "not slow" tests/unit tests/integration
+
+## backport-check: the frozen 2.17.0 series still applies to the pinned 2.17.0 release
+backport-check:
+	PYTHON=$(PY) backport-2.17/check.sh
 
 ## constraints: re-pin every package after a change to requirements/*.txt
 constraints:

@@ -42,6 +42,9 @@ class Group:
 
     paths: tuple[str, ...]
     message: str
+    # Upstream files whose patch belongs in this commit rather than before it (the toctree line
+    # goes with the page it lists, so that every commit of the series builds its docs).
+    edits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ PR1 = PullRequest(
             "Which question each normalization answers, why the cached scale acts as a\n"
             "softmax temperature on early layers, recipes on TransformerBridge (run by the\n"
             "test suite with their output checked) and a migration note per release line.",
+            edits=("docs/source/index.md",),
         ),
         Group(
             ("demos/Logit_Lens_Demo.ipynb",),
@@ -135,11 +139,19 @@ def added_files(pr: PullRequest, group: Group) -> list[str]:
 
 def commit_pr(tree: Path, pr: PullRequest) -> None:
     """Apply the PR's patches to tree, then commit each group of the files it adds."""
+    with_group = {path: group for group in pr.groups for path in group.edits}
+    deferred: dict[Group, list[Path]] = {}
     for patch in sorted((ROOT / "patches" / pr.name).glob("*.patch")):
-        git(tree, "am", "--quiet", "--committer-date-is-author-date", str(patch))
+        edited = re.findall(r"^diff --git a/(\S+) b/", patch.read_text(), re.M)
+        if edited and edited[0] in with_group:
+            deferred.setdefault(with_group[edited[0]], []).append(patch)
+        else:
+            git(tree, "am", "--quiet", "--committer-date-is-author-date", str(patch))
     for group in pr.groups:
         files = added_files(pr, group)
-        if not files:
+        for patch in deferred.get(group, []):
+            git(tree, "apply", "--index", str(patch))
+        if not files and group not in deferred:
             continue
         for path in files:
             target = tree / path
