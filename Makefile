@@ -18,9 +18,9 @@ PYTEST := $(FORK_PY) -m pytest -p no:cacheprovider
 OUR_TESTS = $(shell git ls-files --cached --others --exclude-standard -- 'tests/*.py')
 # Doctests of the code the pull requests add; accumulated_resid's example needs a Hub model.
 DOCTESTS := transformer_lens/model_bridge/generalized_components/normalization.py::transformer_lens.model_bridge.generalized_components.normalization.NormalizationBridge.normalize_without_hooks
-# Upstream files the series edit, and the Python files it adds: upstream's format check covers them.
-SERIES_FILES = $(shell cd $(FORK) && git diff --name-only upstream HEAD --diff-filter=M -- '*.py') \
-	$(filter-out checks/% reference_model/% tools/% benchmarks/%,$(shell git ls-files --cached --others --exclude-standard -- '*.py'))
+# Python files the series add, and the library files they edit.
+ADDED_PY = $(filter tests/% demos/% transformer_lens/%,$(shell git ls-files --cached --others --exclude-standard -- '*.py'))
+EDITED_LIBRARY_FILES = $(shell cd $(FORK) && git diff --name-only upstream HEAD --diff-filter=M -- 'transformer_lens/*.py')
 # Upstream's tests of the code the pull requests touch: the cache, the norms, the logit-lens tool.
 UPSTREAM_TESTS := tests/unit/test_activation_cache.py tests/unit/test_activation_cache_batch_dim.py \
 	tests/unit/model_bridge/test_mixed_norm_decomposition.py \
@@ -62,18 +62,19 @@ test: link
 	cd $(FORK) && $(PYTEST) $(OUR_TESTS) $(DOCTESTS)
 	$(PY) -m pytest -p no:cacheprovider checks
 
-## lint: upstream's check-format (pycln, isort, black with its config) and mypy, on the series
-lint:
-	cd $(FORK) && $(FORK_PY) -m pycln --check --all $(SERIES_FILES)
-	cd $(FORK) && $(FORK_PY) -m isort --check-only $(SERIES_FILES)
-	cd $(FORK) && $(FORK_PY) -m black --check $(SERIES_FILES)
-	cd $(FORK) && $(FORK_PY) -m mypy $(filter transformer_lens/%,$(SERIES_FILES))
+## lint: upstream's `make check-format` (pycln, isort, black with its config) on the exported
+## tree (pristine 4.3.0 + both series, real files), then mypy on the library files the series edit
+lint: pr
+	cd build/pr/series && $(abspath $(PY)) -m pycln --check --all . --exclude "__init__.py"
+	cd build/pr/series && $(abspath $(PY)) -m isort --check-only .
+	cd build/pr/series && $(abspath $(PY)) -m black --check .
+	cd $(FORK) && $(FORK_PY) -m mypy $(EDITED_LIBRARY_FILES)
 
-## format: upstream's format (pycln, isort, black) on the series' files
+## format: upstream's formatters, with upstream's configuration, on the files the series add
 format:
-	cd $(FORK) && $(FORK_PY) -m pycln --all $(SERIES_FILES)
-	cd $(FORK) && $(FORK_PY) -m isort $(SERIES_FILES)
-	cd $(FORK) && $(FORK_PY) -m black $(SERIES_FILES)
+	$(PY) -m pycln --all $(ADDED_PY)
+	$(PY) -m isort --settings-path $(FORK) $(ADDED_PY)
+	for file in $(ADDED_PY); do $(PY) -m black --config $(FORK)/pyproject.toml $$file; done
 
 ## patches: regenerate patches/pr1 and patches/pr2 from the edits committed in build/fork
 patches:

@@ -39,9 +39,7 @@ def _require_cached(name: str) -> None:
     if not any(cached(f) for f in ("model.safetensors", "pytorch_model.bin")):
         missing.append("model.safetensors")
     if missing:
-        pytest.skip(
-            f"{name} is not in the local Hugging Face cache (missing {', '.join(missing)})"
-        )
+        pytest.skip(f"{name} is not in the local Hugging Face cache (missing {', '.join(missing)})")
 
 
 def _hf_reference(name: str, tokens: torch.Tensor):
@@ -106,20 +104,12 @@ def test_recompute_ln_matches_hf_norms_on_hf_residuals(name: str):
             actual = cache.accumulated_resid(
                 layer=layer, mlp_input=True, apply_ln=True, recompute_ln=True
             )
-            expected = _apply(
-                norms[f"ln2.{layer}"], inputs, pre[: layer + 1] + [f"ln2.{layer}"]
-            )
+            expected = _apply(norms[f"ln2.{layer}"], inputs, pre[: layer + 1] + [f"ln2.{layer}"])
             torch.testing.assert_close(actual, expected, **TOLERANCE)
     lens = cache.accumulated_resid(apply_ln=True, recompute_ln=True)
-    torch.testing.assert_close(
-        lens, _apply(norms["final"], inputs, pre + ["final"]), **TOLERANCE
-    )
-    torch.testing.assert_close(
-        lens, cache.accumulated_resid(apply_ln=True), **TOLERANCE
-    )
-    torch.testing.assert_close(
-        _lens_log_probs(model, lens)[-1], hf_log_probs, **TOLERANCE
-    )
+    torch.testing.assert_close(lens, _apply(norms["final"], inputs, pre + ["final"]), **TOLERANCE)
+    torch.testing.assert_close(lens, cache.accumulated_resid(apply_ln=True), **TOLERANCE)
+    torch.testing.assert_close(_lens_log_probs(model, lens)[-1], hf_log_probs, **TOLERANCE)
 
     # Compatibility mode folds the norms into the next layers and centres the unembedding:
     # the log-probabilities of every lens entry are what is invariant.

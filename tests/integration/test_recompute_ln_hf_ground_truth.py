@@ -71,9 +71,7 @@ class _Arch:
 
 
 def _gpt2() -> torch.nn.Module:
-    cfg = GPT2Config(
-        vocab_size=D_VOCAB, n_positions=16, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4
-    )
+    cfg = GPT2Config(vocab_size=D_VOCAB, n_positions=16, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4)
     return GPT2LMHeadModel(cfg)
 
 
@@ -189,9 +187,7 @@ def _effective_weight_and_bias(
     if arch.weight_offset:
         weight = 1.0 + weight
     bias = getattr(norm, "bias", None)
-    return weight, (
-        bias.detach().float() if bias is not None else torch.zeros_like(weight)
-    )
+    return weight, (bias.detach().float() if bias is not None else torch.zeros_like(weight))
 
 
 @dataclass
@@ -202,9 +198,7 @@ class _Case:
     model: TransformerBridge
     cache: ActivationCache
     hf: torch.nn.Module  # the Hugging Face reference copy, never wrapped
-    hf_inputs: Dict[
-        str, torch.Tensor
-    ]  # pre-norm residuals captured from the reference copy
+    hf_inputs: Dict[str, torch.Tensor]  # pre-norm residuals captured from the reference copy
     hf_log_probs: torch.Tensor
 
 
@@ -230,9 +224,7 @@ def _build_case(arch_name: str, dtype: torch.dtype, compat: bool) -> _Case:
     for handle in handles:
         handle.remove()
 
-    model = build_bridge_from_module(
-        hf, arch.name, hf_config=hf.config, dtype=dtype, device="cpu"
-    )
+    model = build_bridge_from_module(hf, arch.name, hf_config=hf.config, dtype=dtype, device="cpu")
     if compat:
         model.enable_compatibility_mode()
     _, cache = model.run_with_cache(TOKENS)
@@ -329,9 +321,7 @@ class TestHuggingFaceGroundTruth:
         """``blocks[L].ln1`` on resid_pre of blocks 0..L is Hugging Face's ln_1 of block L."""
         for layer in range(N_LAYERS):
             keys = _pre_keys(layer) + [f"ln1.{layer}"]
-            actual = case.cache.accumulated_resid(
-                layer=layer, apply_ln=True, recompute_ln=True
-            )
+            actual = case.cache.accumulated_resid(layer=layer, apply_ln=True, recompute_ln=True)
             _assert_close(case, actual, _hf_lens(case, f"ln1.{layer}", keys))
 
     @pytest.mark.parametrize("case", SEQUENTIAL_CASES, indirect=True)
@@ -360,9 +350,7 @@ class TestHuggingFaceGroundTruth:
         expected = _hf_lens(case, "final", keys)
         expected_log_probs = _hf_log_probs_of_lens(case, keys)
         for recompute_ln in (None, True):
-            lens = case.cache.accumulated_resid(
-                apply_ln=True, recompute_ln=recompute_ln
-            )
+            lens = case.cache.accumulated_resid(apply_ln=True, recompute_ln=recompute_ln)
             _assert_close(case, lens, expected)
             log_probs = _lens_log_probs(case, lens)
             tolerance = LOG_PROB_TOLERANCE[case.dtype]
@@ -376,9 +364,7 @@ class TestHuggingFaceGroundTruth:
         for index in range(N_LAYERS):
             keys += [f"ln1.{index}", f"ln2.{index}"]
         keys.append("final")
-        lens = case.cache.accumulated_resid(
-            incl_mid=True, apply_ln=True, recompute_ln=True
-        )
+        lens = case.cache.accumulated_resid(incl_mid=True, apply_ln=True, recompute_ln=True)
         _assert_close(case, lens, _hf_lens(case, "final", keys))
 
     @pytest.mark.parametrize("case", CASES, indirect=True)
@@ -390,9 +376,7 @@ class TestHuggingFaceGroundTruth:
             with pytest.raises(ValueError, match="resid_mid"):
                 case.cache.accumulated_resid(layer=1, mlp_input=True, apply_ln=True)
 
-    @pytest.mark.parametrize(
-        "case", [c for c in CASES if "float32-raw" in c.id], indirect=True
-    )
+    @pytest.mark.parametrize("case", [c for c in CASES if "float32-raw" in c.id], indirect=True)
     def test_cached_scale_is_far_off_at_early_layers(self, case: _Case):
         """Teeth: the cached scale (``recompute_ln=False``) is a different quantity. At the
         unembed it divides the embeddings by the final residual's much larger scale, at ln1
@@ -404,9 +388,7 @@ class TestHuggingFaceGroundTruth:
         cached = case.cache.accumulated_resid(apply_ln=True, recompute_ln=False)
         assert _relative_error(cached[0], expected[0]).min() > 0.3
         cached_log_probs = _lens_log_probs(case, cached)
-        assert (
-            cached_log_probs[0] - _hf_log_probs_of_lens(case, keys)[0]
-        ).abs().max() > 0.1
+        assert (cached_log_probs[0] - _hf_log_probs_of_lens(case, keys)[0]).abs().max() > 0.1
 
         layer = N_LAYERS - 1
         expected_ln1 = _hf_lens(case, f"ln1.{layer}", _pre_keys(layer + 1))

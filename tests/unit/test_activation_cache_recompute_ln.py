@@ -43,9 +43,7 @@ def _randomize_gpt2(hf: GPT2LMHeadModel) -> None:
                 module.weight.copy_(
                     torch.rand(module.weight.shape, generator=generator) * 1.5 + 0.5
                 )
-                module.bias.copy_(
-                    torch.randn(module.bias.shape, generator=generator) * 0.5
-                )
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.5)
         for index, block in enumerate(hf.transformer.h):
             block.attn.c_proj.weight.mul_(4.0 ** (index + 1))
             block.mlp.c_proj.weight.mul_(4.0 ** (index + 1))
@@ -53,15 +51,11 @@ def _randomize_gpt2(hf: GPT2LMHeadModel) -> None:
 
 def _tiny_gpt2(dtype: torch.dtype = torch.float32) -> TransformerBridge:
     torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=D_VOCAB, n_positions=16, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4
-    )
+    cfg = GPT2Config(vocab_size=D_VOCAB, n_positions=16, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4)
     hf = GPT2LMHeadModel(cfg).eval()
     _randomize_gpt2(hf)
     hf.to(dtype)
-    return build_bridge_from_module(
-        hf, "GPT2LMHeadModel", hf_config=cfg, dtype=dtype, device="cpu"
-    )
+    return build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=cfg, dtype=dtype, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +86,7 @@ def neox() -> Tuple[TransformerBridge, ActivationCache]:
     return model, cache
 
 
-def _target_norm(
-    model: TransformerBridge, layer: int, mlp_input: bool
-) -> torch.nn.Module:
+def _target_norm(model: TransformerBridge, layer: int, mlp_input: bool) -> torch.nn.Module:
     if layer == model.cfg.n_layers:
         return model.ln_final
     return model.blocks[layer].ln2 if mlp_input else model.blocks[layer].ln1
@@ -122,9 +114,7 @@ def _scale_key(model: TransformerBridge, layer: int, mlp_input: bool) -> str:
 
 
 # (layer, mlp_input) for every target of the 3-layer model: ln1/ln2 of each block, then unembed.
-TARGETS = [(layer, mlp) for layer in range(N_LAYERS) for mlp in (False, True)] + [
-    (N_LAYERS, False)
-]
+TARGETS = [(layer, mlp) for layer in range(N_LAYERS) for mlp in (False, True)] + [(N_LAYERS, False)]
 
 
 class _HookCounter:
@@ -136,17 +126,11 @@ class _HookCounter:
         self.hook_points = list(model.hook_dict.items())
         for name, hook_point in self.hook_points:
             hook_point.add_hook(self._tl_hook(name), dir="fwd")
-        norms = [model.ln_final] + [
-            n for block in model.blocks for n in (block.ln1, block.ln2)
-        ]
+        norms = [model.ln_final] + [n for block in model.blocks for n in (block.ln1, block.ln2)]
         for index, norm in enumerate(norms):
             for module in (norm, norm.original_component):
-                self.handles.append(
-                    module.register_forward_pre_hook(self._torch_hook(index))
-                )
-                self.handles.append(
-                    module.register_forward_hook(self._torch_hook(index))
-                )
+                self.handles.append(module.register_forward_pre_hook(self._torch_hook(index)))
+                self.handles.append(module.register_forward_hook(self._torch_hook(index)))
 
     def _tl_hook(self, name: str) -> Callable:
         def hook(tensor, hook):
@@ -226,16 +210,12 @@ class TestRecomputeConventions:
 
     @pytest.mark.parametrize("layer", range(N_LAYERS))
     @pytest.mark.parametrize("mlp_input", [False, True])
-    def test_default_at_block_norms_reproduces_4_3_0(
-        self, gpt2, layer: int, mlp_input: bool
-    ):
+    def test_default_at_block_norms_reproduces_4_3_0(self, gpt2, layer: int, mlp_input: bool):
         """At ln1/ln2 targets the default keeps 4.3.0's cached scale (centred, no weight or bias)."""
         model, cache = gpt2
         raw = cache.accumulated_resid(layer=layer, mlp_input=mlp_input)
         expected = _cached_scale_ln(cache, raw, _scale_key(model, layer, mlp_input))
-        default = cache.accumulated_resid(
-            layer=layer, mlp_input=mlp_input, apply_ln=True
-        )
+        default = cache.accumulated_resid(layer=layer, mlp_input=mlp_input, apply_ln=True)
         torch.testing.assert_close(default, expected, atol=1e-5, rtol=1e-5)
         explicit = cache.accumulated_resid(
             layer=layer, mlp_input=mlp_input, apply_ln=True, recompute_ln=None
@@ -291,17 +271,13 @@ class TestRecomputeConventions:
 
     @pytest.mark.parametrize("recompute_ln", RECOMPUTE_VALUES)
     @pytest.mark.parametrize("pos_slice", [-1, (1, 4), [0, 2, 5]])
-    @pytest.mark.parametrize(
-        "layer,mlp_input", [(1, False), (1, True), (N_LAYERS, False)]
-    )
+    @pytest.mark.parametrize("layer,mlp_input", [(1, False), (1, True), (N_LAYERS, False)])
     def test_pos_slice_equals_slicing_the_full_result(
         self, gpt2, recompute_ln: Optional[bool], pos_slice, layer: int, mlp_input: bool
     ):
         """``pos_slice`` selects positions of the stack and of the cached scale alike."""
         _, cache = gpt2
-        kwargs = dict(
-            layer=layer, mlp_input=mlp_input, apply_ln=True, recompute_ln=recompute_ln
-        )
+        kwargs = dict(layer=layer, mlp_input=mlp_input, apply_ln=True, recompute_ln=recompute_ln)
         full = cache.accumulated_resid(**kwargs)
         if isinstance(pos_slice, tuple):
             expected = full[..., slice(*pos_slice), :]
@@ -318,13 +294,9 @@ class TestRecomputeConventions:
         used the cached scale there), on a stack that is not the cache's own residuals.
         """
         model, cache = gpt2
-        stack = torch.randn(
-            4, *TOKENS.shape, D_MODEL, generator=torch.Generator().manual_seed(3)
-        )
+        stack = torch.randn(4, *TOKENS.shape, D_MODEL, generator=torch.Generator().manual_seed(3))
         expected = _module_on_each_entry(_target_norm(model, layer, mlp_input), stack)
-        actual = cache.apply_ln_to_stack(
-            stack, layer=layer, mlp_input=mlp_input, recompute_ln=True
-        )
+        actual = cache.apply_ln_to_stack(stack, layer=layer, mlp_input=mlp_input, recompute_ln=True)
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         # recompute_ln=False is unchanged: the cached scale of the target.
         cached = cache.apply_ln_to_stack(
@@ -339,9 +311,7 @@ class TestRecomputeConventions:
         """``batch_slice`` is applied to the stack before the fresh normalization."""
         model, cache = gpt2
         stack = cache.decompose_resid(layer=2)
-        actual = cache.apply_ln_to_stack(
-            stack, layer=2, batch_slice=[1], recompute_ln=True
-        )
+        actual = cache.apply_ln_to_stack(stack, layer=2, batch_slice=[1], recompute_ln=True)
         expected = _module_on_each_entry(model.blocks[2].ln1, stack[:, 1:2])
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
@@ -354,17 +324,11 @@ class TestRecomputeConventions:
     ):
         """Any leading shape: the same values as the wrapped module, in one call."""
         model, _ = gpt2
-        norm = (
-            model.ln_final
-            if norm_name == "ln_final"
-            else getattr(model.blocks[1], norm_name)
-        )
+        norm = model.ln_final if norm_name == "ln_final" else getattr(model.blocks[1], norm_name)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 7.0 + 1.5
         actual = norm.normalize_without_hooks(x)
         assert actual.shape == x.shape and actual.dtype == x.dtype
-        torch.testing.assert_close(
-            actual, norm.original_component(x), atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(actual, norm.original_component(x), atol=1e-5, rtol=1e-5)
 
 
 class TestInvalidArguments:
@@ -387,9 +351,7 @@ class TestInvalidArguments:
 
     @pytest.mark.parametrize("layer", [None, -1, N_LAYERS])
     @pytest.mark.parametrize("recompute_ln", RECOMPUTE_VALUES)
-    def test_mlp_input_at_the_unembed_raises(
-        self, gpt2, layer: Optional[int], recompute_ln
-    ):
+    def test_mlp_input_at_the_unembed_raises(self, gpt2, layer: Optional[int], recompute_ln):
         """There is no MLP after the last block: 4.3.0 ignored ``mlp_input`` there silently."""
         _, cache = gpt2
         with pytest.raises(ValueError, match="mlp_input"):
@@ -406,9 +368,7 @@ class TestInvalidArguments:
 
     @pytest.mark.parametrize("recompute_ln", [True, False])
     @pytest.mark.parametrize("layer", [1, N_LAYERS])
-    def test_stack_of_the_wrong_width_raises(
-        self, gpt2, recompute_ln: bool, layer: int
-    ):
+    def test_stack_of_the_wrong_width_raises(self, gpt2, recompute_ln: bool, layer: int):
         """A stack whose last dimension is not d_model is rejected before any arithmetic."""
         _, cache = gpt2
         stack = torch.randn(2, *TOKENS.shape, D_MODEL + 1)
@@ -475,9 +435,7 @@ class TestNoSideEffects:
         model, cache, counter = counted_gpt2
         with torch.no_grad():
             model(TOKENS)
-        assert (
-            counter.calls["ln_final.hook_scale"] == 1
-        ), "the counting hooks are not live"
+        assert counter.calls["ln_final.hook_scale"] == 1, "the counting hooks are not live"
         assert any(key.startswith("torch:") for key in counter.calls)
         counter.calls.clear()
 
@@ -506,9 +464,7 @@ class TestNoSideEffects:
     def test_cache_is_not_mutated(self, gpt2):
         """Every tensor of the cache is bit-identical after all the normalizations."""
         _, cache = gpt2
-        before: Dict[str, torch.Tensor] = {
-            key: value.clone() for key, value in cache.items()
-        }
+        before: Dict[str, torch.Tensor] = {key: value.clone() for key, value in cache.items()}
         for recompute_ln in RECOMPUTE_VALUES:
             for layer, mlp_input in TARGETS:
                 out = cache.accumulated_resid(
@@ -517,9 +473,7 @@ class TestNoSideEffects:
                     apply_ln=True,
                     recompute_ln=recompute_ln,
                 )
-                out.mul_(
-                    0.0
-                )  # an in-place edit of the result must not reach the cache either
+                out.mul_(0.0)  # an in-place edit of the result must not reach the cache either
                 stack = cache.accumulated_resid(layer=layer, mlp_input=mlp_input)
                 cache.apply_ln_to_stack(
                     stack,
@@ -532,9 +486,7 @@ class TestNoSideEffects:
             assert torch.equal(cache[key], value), key
 
     @pytest.mark.parametrize("recompute_ln", [True, False])
-    @pytest.mark.parametrize(
-        "layer,mlp_input", [(1, False), (1, True), (N_LAYERS, False)]
-    )
+    @pytest.mark.parametrize("layer,mlp_input", [(1, False), (1, True), (N_LAYERS, False)])
     def test_gradient_flows_to_the_stack(
         self, gpt2, recompute_ln: bool, layer: int, mlp_input: bool
     ):
@@ -552,21 +504,15 @@ class TestNoSideEffects:
 
         reference = base.clone().requires_grad_(True)
         if recompute_ln:
-            expected_out = _module_on_each_entry(
-                _target_norm(model, layer, mlp_input), reference
-            )
+            expected_out = _module_on_each_entry(_target_norm(model, layer, mlp_input), reference)
         else:
-            expected_out = _cached_scale_ln(
-                cache, reference, _scale_key(model, layer, mlp_input)
-            )
+            expected_out = _cached_scale_ln(cache, reference, _scale_key(model, layer, mlp_input))
         (expected,) = torch.autograd.grad((expected_out * weights).sum(), reference)
         assert grad.abs().sum() > 0
         torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
 
     @pytest.mark.parametrize("recompute_ln", RECOMPUTE_VALUES)
-    def test_gradient_flows_through_accumulated_resid(
-        self, gpt2, recompute_ln: Optional[bool]
-    ):
+    def test_gradient_flows_through_accumulated_resid(self, gpt2, recompute_ln: Optional[bool]):
         """A cache holding grad-requiring residuals keeps them connected through the lens."""
         model, cache = gpt2
         leaves = {
@@ -586,9 +532,7 @@ class TestShapesAndPrecision:
 
     @pytest.mark.parametrize("recompute_ln", RECOMPUTE_VALUES)
     @pytest.mark.parametrize("pos_slice", [None, -1, (1, 4)])
-    @pytest.mark.parametrize(
-        "layer,mlp_input", [(0, False), (2, True), (N_LAYERS, False)]
-    )
+    @pytest.mark.parametrize("layer,mlp_input", [(0, False), (2, True), (N_LAYERS, False)])
     def test_batchless_cache(
         self,
         one_prompt,
@@ -612,18 +556,12 @@ class TestShapesAndPrecision:
         assert actual.shape == expected.shape
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         if recompute_ln:
-            raw = batchless.accumulated_resid(
-                layer=layer, mlp_input=mlp_input, pos_slice=pos_slice
-            )
+            raw = batchless.accumulated_resid(layer=layer, mlp_input=mlp_input, pos_slice=pos_slice)
             fresh = _module_on_each_entry(_target_norm(model, layer, mlp_input), raw)
             torch.testing.assert_close(actual, fresh, atol=1e-5, rtol=1e-5)
 
-    @pytest.mark.parametrize(
-        "layer,mlp_input", [(0, False), (1, True), (N_LAYERS, False)]
-    )
-    def test_bfloat16_statistics_in_float32(
-        self, gpt2_bf16, layer: int, mlp_input: bool
-    ):
+    @pytest.mark.parametrize("layer,mlp_input", [(0, False), (1, True), (N_LAYERS, False)])
+    def test_bfloat16_statistics_in_float32(self, gpt2_bf16, layer: int, mlp_input: bool):
         """Half-precision stacks are normalized in float32 and cast back to bfloat16."""
         model, cache = gpt2_bf16
         raw = cache.accumulated_resid(layer=layer, mlp_input=mlp_input)
@@ -634,9 +572,7 @@ class TestShapesAndPrecision:
             cache.accumulated_resid(
                 layer=layer, mlp_input=mlp_input, apply_ln=True, recompute_ln=True
             ),
-            cache.apply_ln_to_stack(
-                raw, layer=layer, mlp_input=mlp_input, recompute_ln=True
-            ),
+            cache.apply_ln_to_stack(raw, layer=layer, mlp_input=mlp_input, recompute_ln=True),
             norm.normalize_without_hooks(raw),
         ):
             assert actual.dtype == torch.bfloat16
