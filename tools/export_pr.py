@@ -77,7 +77,9 @@ PR1 = PullRequest(
         Group(
             (
                 "docs/source/content/logit_lens.md",
-                "docs/source/_static/logit_lens/",
+                "docs/source/_static/logit_lens/entropy_per_layer.svg",
+                "docs/source/_static/logit_lens/kl_to_final_per_layer.svg",
+                "docs/source/_static/logit_lens/temperature_per_layer.svg",
                 "tests/unit/test_logit_lens_docs_page.py",
             ),
             "Docs: the logit lens and direct logit attribution, side by side\n\n"
@@ -87,9 +89,12 @@ PR1 = PullRequest(
             edits=("docs/source/index.md",),
         ),
         Group(
-            ("demos/Logit_Lens_Demo.ipynb",),
-            "Demo notebook: the logit lens with fresh normalization\n\n"
-            "Self-contained, Colab-ready, committed with outputs for nbval.",
+            ("demos/Logit_Lens_Demo.ipynb", "demos/logit_lens_demo.py"),
+            "Demo: the logit lens with fresh normalization, notebook and script\n\n"
+            "The notebook is self-contained and Colab-ready (pretrained GPT-2 there, a small\n"
+            "model built from a config offline) and committed with outputs for nbval. The\n"
+            "script averages the lens over many windows of a text file and draws the docs\n"
+            "page's figures; its arguments are validated and it writes where it is told.",
         ),
     ),
     (

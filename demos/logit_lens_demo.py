@@ -1,0 +1,387 @@
+"""Logit lens with fresh normalization against the cached final scale, layer by layer.
+
+Reads every layer of the residual stream through the final norm and the unembedding in the two
+conventions of ``ActivationCache.accumulated_resid`` and compares them:
+
+* ``fresh`` (``recompute_ln=True``): each layer is normalized with statistics of its own, as the
+  final norm would normalize it if the model stopped there. This is the logit lens.
+* ``cached`` (``recompute_ln=False``): each layer is divided by the scale the final norm cached
+  on the forward pass. This is the convention of direct logit attribution; read as a lens, it
+  acts as a softmax temperature ``T = cached scale / own scale`` on each layer.
+
+Per layer it reports the entropy of the lens distribution, its KL divergence from the final
+layer's distribution and the temperature, averaged over the positions of each window and then
+summarized over windows (mean and 10th-90th percentile), and writes three SVG figures and a CSV
+table to ``--out-dir``.
+
+Examples::
+
+    python logit_lens_demo.py --prompt "The Eiffel Tower is in the city of"
+    python logit_lens_demo.py --model path/to/local/model --text-file held_out.txt \\
+        --windows 256 --window-len 64 --out-dir lens_figures
+
+``--model`` takes a Hugging Face model name or a local directory in Hugging Face format. The
+script sets no environment variable; to run offline, set ``HF_HUB_OFFLINE=1`` yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+CONVENTIONS = {"fresh": True, "cached": False}  # convention -> recompute_ln
+CONVENTION_LABELS = {
+    "fresh": "fresh normalization (recompute_ln=True)",
+    "cached": "cached final scale (recompute_ln=False)",
+}
+COLORS = {"fresh": "#1f77b4", "cached": "#d62728"}
+FIGURES = ("entropy_per_layer", "kl_to_final_per_layer", "temperature_per_layer")
+DEFAULT_MODEL = "openai-community/gpt2"
+DEFAULT_OUT_DIR = "logit_lens_output"
+LN2 = math.log(2.0)
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be used; the message says how to fix it."""
+
+
+@dataclass
+class LayerStats:
+    """Per-window statistics of one convention: every tensor is ``[windows, layers]``.
+
+    Each value is a mean over the window's positions (the bos position left out).
+    """
+
+    labels: List[str]
+    entropy_bits: torch.Tensor
+    kl_bits: torch.Tensor
+    temperature: torch.Tensor
+
+
+def entropy_bits(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of distributions given as log-probabilities over the last axis."""
+    return -(log_probs.exp() * log_probs).sum(-1) / LN2
+
+
+def kl_bits(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` in bits over the last axis, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1) / LN2
+
+
+def lens_statistics(model, tokens: torch.Tensor, skip_first: int = 1) -> Dict[str, LayerStats]:
+    """Entropy, KL to the final layer and temperature per layer, for a ``[batch, pos]`` batch.
+
+    Args:
+        model: A ``TransformerBridge`` whose final norm is folded (compatibility mode), so that
+            both conventions give the model's logits at the last layer.
+        tokens: Token ids, ``[batch, pos]``.
+        skip_first: Positions left out at the start of each row (the bos token).
+
+    Returns:
+        One :class:`LayerStats` per convention.
+    """
+    _, cache = model.run_with_cache(tokens)
+    out: Dict[str, LayerStats] = {}
+    normalized = {}
+    for name, recompute in CONVENTIONS.items():
+        lens, labels = cache.accumulated_resid(
+            apply_ln=True, recompute_ln=recompute, return_labels=True
+        )
+        normalized[name] = lens[:, :, skip_first:]
+    # Both conventions centre the same residual and differ only in the scale they divide by.
+    temperature = normalized["fresh"].norm(dim=-1) / normalized["cached"].norm(dim=-1)
+    for name, lens in normalized.items():
+        log_probs = (lens @ model.W_U + model.b_U).log_softmax(-1)  # layer, batch, pos, vocab
+        entropy = entropy_bits(log_probs)
+        kl = kl_bits(log_probs[-1:], log_probs)
+        out[name] = LayerStats(
+            labels=labels,
+            entropy_bits=entropy.mean(-1).T,
+            kl_bits=kl.mean(-1).T,
+            temperature=temperature.mean(-1).T,
+        )
+    return out
+
+
+def merge(parts: Sequence[Dict[str, LayerStats]]) -> Dict[str, LayerStats]:
+    """Concatenates per-batch statistics along the window axis."""
+    return {
+        name: LayerStats(
+            labels=parts[0][name].labels,
+            entropy_bits=torch.cat([p[name].entropy_bits for p in parts]),
+            kl_bits=torch.cat([p[name].kl_bits for p in parts]),
+            temperature=torch.cat([p[name].temperature for p in parts]),
+        )
+        for name in CONVENTIONS
+    }
+
+
+def summarize(values: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Mean and 10th/90th percentiles over windows of a ``[windows, layers]`` tensor."""
+    return {
+        "mean": values.mean(0),
+        "p10": values.quantile(0.1, dim=0),
+        "p90": values.quantile(0.9, dim=0),
+    }
+
+
+def top_tokens_table(model, prompt_tokens: torch.Tensor, top_k: int) -> str:
+    """The top-k tokens and probabilities at the last position, per layer, in both conventions."""
+    _, cache = model.run_with_cache(prompt_tokens)
+    lines = []
+    for name, recompute in CONVENTIONS.items():
+        lens, labels = cache.accumulated_resid(
+            apply_ln=True, recompute_ln=recompute, return_labels=True, pos_slice=-1
+        )
+        probs = (lens[:, 0] @ model.W_U + model.b_U).softmax(-1)  # layer, vocab
+        top = probs.topk(top_k, dim=-1)
+        lines.append(f"top {top_k} at the last position, {CONVENTION_LABELS[name]}:")
+        for label, ids, ps in zip(labels, top.indices.tolist(), top.values.tolist()):
+            cells = ", ".join(f"{model.tokenizer.decode([i])!r} {p:.3f}" for i, p in zip(ids, ps))
+            lines.append(f"  {label:>10}: {cells}")
+    return "\n".join(lines)
+
+
+def tokenize_prompt(model, prompt: str) -> torch.Tensor:
+    """Tokens of one prompt with bos, truncated (with a warning) to the model's context."""
+    tokens = model.to_tokens(prompt, truncate=False)
+    n_ctx = model.cfg.n_ctx
+    if tokens.shape[1] > n_ctx:
+        warnings.warn(
+            f"the prompt is {tokens.shape[1]} tokens long and the model's context is {n_ctx}: "
+            f"only its first {n_ctx} tokens are read",
+            stacklevel=2,
+        )
+        tokens = tokens[:, :n_ctx]
+    return tokens
+
+
+def text_windows(model, text: str, windows: int, window_len: int) -> torch.Tensor:
+    """Non-overlapping windows of ``window_len`` tokens from a text, each starting with bos."""
+    ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0]
+    body = window_len - 1
+    available = len(ids) // body
+    if available == 0:
+        raise UsageError(
+            f"the text file holds {len(ids)} tokens, fewer than one window of {body}: "
+            "pass a longer file or a smaller --window-len"
+        )
+    if available < windows:
+        warnings.warn(
+            f"the text file holds only {available} windows of {window_len} tokens; "
+            f"using {available} instead of --windows {windows}",
+            stacklevel=2,
+        )
+        windows = available
+    rows = ids[: windows * body].view(windows, body)
+    bos = torch.full((windows, 1), model.tokenizer.bos_token_id, dtype=rows.dtype)
+    return torch.cat([bos, rows.to(bos.device)], dim=1)
+
+
+def plot(
+    stats: Dict[str, LayerStats], out_dir: Path, title: str, source: str, vocab_size: int
+) -> List[Path]:
+    """Writes the three figures as SVG files and returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = stats["fresh"].labels
+    x = list(range(len(labels)))
+    n_windows = stats["fresh"].entropy_bits.shape[0]
+    specs = {
+        "entropy_per_layer": ("entropy_bits", "entropy of the lens (bits)", False),
+        "kl_to_final_per_layer": ("kl_bits", "KL(final || layer) (bits)", False),
+        "temperature_per_layer": ("temperature", "temperature T = cached / own scale", True),
+    }
+    paths = []
+    # Text stays text in the SVG (smaller files, selectable labels); the salt fixes element ids.
+    with plt.rc_context({"svg.hashsalt": "logit-lens", "svg.fonttype": "none", "font.size": 11}):
+        for name, (field, ylabel, log_y) in specs.items():
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            conventions = ["fresh"] if field == "temperature" else list(CONVENTIONS)
+            for conv in conventions:
+                s = summarize(getattr(stats[conv], field))
+                label = "mean over windows" if field == "temperature" else CONVENTION_LABELS[conv]
+                ax.plot(x, s["mean"], marker="o", color=COLORS[conv], label=label)
+                if n_windows > 1:
+                    ax.fill_between(x, s["p10"], s["p90"], color=COLORS[conv], alpha=0.2)
+            if field == "entropy_bits":
+                ax.axhline(math.log2(vocab_size), color="grey", ls="--", lw=1)
+                ax.annotate(
+                    f"uniform over {vocab_size:,} tokens",
+                    (x[-1], math.log2(vocab_size)),
+                    xytext=(0, -4),
+                    textcoords="offset points",
+                    ha="right",
+                    va="top",
+                    color="grey",
+                    fontsize=9,
+                )
+            if field == "temperature":
+                ax.axhline(1.0, color="grey", ls="--", lw=1)
+            if log_y:
+                ax.set_yscale("log")
+            ax.set_xticks(x, labels)
+            ax.set_xlabel("residual stream read (accumulated_resid label)")
+            ax.set_ylabel(ylabel)
+            band = "; band: 10th-90th percentile over windows" if n_windows > 1 else ""
+            ax.set_title(f"{title}\n{source}{band}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=9, loc="lower right" if field == "entropy_bits" else "upper right")
+            fig.tight_layout()
+            path = out_dir / f"{name}.svg"
+            fig.savefig(path, metadata={"Date": None})
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def write_csv(stats: Dict[str, LayerStats], path: Path) -> None:
+    """One row per convention and layer: mean and 10th/90th percentiles of each statistic."""
+    fields = ["entropy_bits", "kl_bits", "temperature"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["convention", "layer"]
+        header += [f"{field}_{q}" for field in fields for q in ("mean", "p10", "p90")]
+        writer.writerow(header + ["windows"])
+        for conv, st in stats.items():
+            summaries = {field: summarize(getattr(st, field)) for field in fields}
+            for i, label in enumerate(st.labels):
+                row: List[object] = [conv, label]
+                for field in fields:
+                    row += [f"{float(summaries[field][q][i]):.4f}" for q in ("mean", "p10", "p90")]
+                writer.writerow(row + [st.entropy_bits.shape[0]])
+
+
+def format_table(stats: Dict[str, LayerStats]) -> str:
+    """A plain-text table of the per-layer means."""
+    fresh, cached = stats["fresh"], stats["cached"]
+    lines = [
+        f"{'layer':>10} | {'H fresh':>8} {'H cached':>8} | {'KL fresh':>8} {'KL cached':>9} | "
+        f"{'T':>6}   (means over {fresh.entropy_bits.shape[0]} window(s); bits)"
+    ]
+    for i, label in enumerate(fresh.labels):
+        lines.append(
+            f"{label:>10} | {fresh.entropy_bits[:, i].mean():8.3f} "
+            f"{cached.entropy_bits[:, i].mean():8.3f} | {fresh.kl_bits[:, i].mean():8.3f} "
+            f"{cached.kl_bits[:, i].mean():9.3f} | {fresh.temperature[:, i].mean():6.2f}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF model name or local directory")
+    parser.add_argument(
+        "--model-label", help="name of the model in figure titles (default: --model)"
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    source.add_argument("--text-file", type=Path, help="read windows from this UTF-8 text file")
+    parser.add_argument("--windows", type=int, default=128, help="windows to read from the file")
+    parser.add_argument("--window-len", type=int, default=64, help="tokens per window, with bos")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=5, help="tokens shown per layer for a prompt")
+    parser.add_argument("--out-dir", type=Path, default=Path(DEFAULT_OUT_DIR))
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.prompt is None and args.text_file is None:
+        args.prompt = ["The Eiffel Tower is in the city of"]
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks what can be checked before loading the model; raises UsageError."""
+    for prompt in args.prompt or []:
+        if not prompt.strip():
+            raise UsageError("--prompt is empty: pass some text, e.g. --prompt 'The capital of'")
+    if args.text_file is not None and not args.text_file.is_file():
+        raise UsageError(f"--text-file {args.text_file} is not a file")
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.windows < 1:
+        raise UsageError(f"--windows must be at least 1, got {args.windows}")
+    if args.window_len < 2:
+        raise UsageError(
+            f"--window-len must be at least 2 (bos and one token), got {args.window_len}"
+        )
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    out = args.out_dir
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} exists and is not a folder: pick another path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out-dir {out} cannot be created: {e.strerror}") from None
+    probe = out / ".write_test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        raise UsageError(f"--out-dir {out} is not writable: pick another folder") from None
+
+
+def load_model(name: str, device: str):
+    """A bridge in compatibility mode, so that the final norm is folded into the unembedding."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = TransformerBridge.boot_transformers(name, device=device).eval()
+    model.enable_compatibility_mode(disable_warnings=True)
+    return model
+
+
+def run(args: argparse.Namespace) -> Dict[str, LayerStats]:
+    validate_args(args)
+    torch.set_grad_enabled(False)
+    model = load_model(args.model, args.device)
+    if args.top_k > model.cfg.d_vocab:
+        raise UsageError(f"--top-k {args.top_k} exceeds the vocabulary ({model.cfg.d_vocab})")
+    if args.window_len > model.cfg.n_ctx:
+        raise UsageError(f"--window-len {args.window_len} exceeds the context ({model.cfg.n_ctx})")
+    if args.text_file is not None:
+        text = args.text_file.read_text(encoding="utf-8")
+        tokens = text_windows(model, text, args.windows, args.window_len).to(args.device)
+        batches = tokens.split(args.batch_size)
+        source = f"{tokens.shape[0]} windows of {tokens.shape[1]} tokens from {args.text_file.name}"
+    else:
+        batches = [tokenize_prompt(model, p) for p in args.prompt]
+        for prompt, tokens in zip(args.prompt, batches):
+            shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            print(f"prompt {shown!r} ({tokens.shape[1]} tokens with bos)")
+            print(top_tokens_table(model, tokens, args.top_k))
+        source = f"{len(batches)} prompt(s)"
+    stats = merge([lens_statistics(model, b) for b in batches])
+    print(format_table(stats))
+    title = args.model_label or args.model
+    paths = plot(stats, args.out_dir, title, source, model.cfg.d_vocab)
+    write_csv(stats, args.out_dir / "logit_lens_stats.csv")
+    print(f"wrote {', '.join(p.name for p in paths)} and logit_lens_stats.csv to {args.out_dir}")
+    return stats
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

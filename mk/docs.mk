@@ -1,0 +1,20 @@
+# Docs: upstream's own build (docs/make_docs.py's steps: copy the demos, generate the bridge-models
+# page, Sphinx with upstream's conf.py) on the exported tree, pristine 4.3.0 + both series. Pristine
+# 4.3.0 itself does not build with -W (its generated API pages warn), so the check is that the
+# series add no warning to pristine's (tools/docs-warnings-4.3.0.txt) and that the logit-lens page
+# is built and in the toctree. Needs pandoc (Debian package) for upstream's notebooks.
+
+.PHONY: docs docs-baseline figures
+
+## docs: build upstream's docs of the patched tree into build/docs/html; fail on any new warning
+docs: pr
+	$(PY) tools/docs_check.py --tree build/pr/series --out build/docs
+
+## docs-baseline: record pristine 4.3.0's warnings (once per upstream release)
+docs-baseline: $(PRISTINE)/.git
+	$(PY) tools/docs_check.py --tree $(PRISTINE) --out build/docs-pristine \
+		--record tools/docs-warnings-$(shell . ./upstream.env && echo $$UPSTREAM_VERSION).txt
+
+## figures: redraw the docs page's figures from the reference model over held-out text
+figures: link
+	$(PY) tools/docs_figures.py
