@@ -16,6 +16,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,8 @@ LOCAL_MATHJAX = Path("/usr/share/javascript/mathjax/MathJax.js")
 def normalize(line: str, tree: Path) -> str:
     """A warning without the tree's absolute path or line numbers, which shift with edits."""
     line = line.replace(str(tree.resolve()) + "/", "").replace(str(tree) + "/", "")
+    line = re.sub(r"^\S*/site-packages/", "site-packages/", line)
+    line = re.sub(r"^\S*?/(transformer_lens/)", r"\1", line)
     line = re.sub(r":\d+:", ":", line)
     return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
 
@@ -40,6 +43,7 @@ def build(tree: Path, out: Path) -> list[str]:
     docs = tree / "docs"
     prepare = "import make_docs; make_docs.copy_demos(); make_docs.generate_bridge_models_page()"
     subprocess.run([sys.executable, "-c", prepare], cwd=docs, check=True)
+    out = out.resolve()
     log = out / "warnings.log"
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-w", str(log)]
@@ -47,9 +51,11 @@ def build(tree: Path, out: Path) -> list[str]:
     if LOCAL_MATHJAX.exists():
         # Renders the math of an offline build; the hosted docs keep Sphinx's CDN default.
         command += ["-D", f"mathjax_path=file://{LOCAL_MATHJAX}?config=TeX-AMS-MML_HTMLorMML"]
-    command += ["source", str((out / "html").resolve())]
+    command += ["source", str(out / "html")]
     started = time.monotonic()
-    subprocess.run(command, cwd=docs, check=True, stderr=subprocess.DEVNULL)
+    # autodoc must document this tree's package, not whichever transformer_lens is installed.
+    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    subprocess.run(command, cwd=docs, env=env, check=True, stderr=subprocess.DEVNULL)
     print(f"sphinx on {tree}: {time.monotonic() - started:.0f} s, html in {out / 'html'}")
     lines = [normalize(line, tree) for line in log.read_text().splitlines()]
     return [line for line in lines if "WARNING" in line or "ERROR" in line]
