@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -134,15 +135,14 @@ def machine() -> str:
 
 
 def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, leaving the others as they are."""
-    start, end = f"<!-- {SECTION}: start -->", f"<!-- {SECTION}: end -->"
+    """Replace this benchmark's section of RESULTS.md (up to the next "## "), keep the others."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{start}\n{text}{end}\n"
-    if start in old:
-        old = old[: old.index(start)] + block + old[old.index(end) + len(end) + 1 :]
+    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text, old)
     else:
-        old = old.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(old)
+        new = old.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(new.rstrip("\n") + "\n")
 
 
 def main() -> None:

@@ -174,9 +174,20 @@ def description(pr: PullRequest, base: str, tree: Path, patches: list[Path]) -> 
     series = "\n".join(f"{i}. `{p.name}`" for i, p in enumerate(patches, 1))
     return (
         template.replace("@SIZE@", f"{stat}; library code only: {code_stat}")
+        .replace("@BENCH@", benchmark_table())
         .replace("@SERIES@", series)
         .replace("@TITLE@", pr.title)
     )
+
+
+def benchmark_table() -> str:
+    """The statistics benchmark's tables from benchmarks/RESULTS.md, if it has been run."""
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    text = results.read_text() if results.exists() else ""
+    match = re.search(r"^## Logit-lens statistics\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    if not match:
+        return "(run `make bench` to fill this table)"
+    return "\n".join(line for line in match.group(1).splitlines() if not line.startswith("- "))
 
 
 def left_out() -> str:

@@ -1,0 +1,306 @@
+"""Benchmark: logit-lens statistics against 4.3.0's tool and against the naive computation.
+
+Statistics: entropy, KL to the final layer, the next token's probability and rank, top 5, for
+every stack entry and position of a GPT-2-shaped bridge (random weights, built from a config).
+Cases, each run in a fresh subprocess on the same cache:
+
+- ``naive``: materialize ``[layers, batch, pos, d_vocab]`` logits, ``log_softmax``, reduce.
+- ``4.3.0 targets`` / ``4.3.0 top-5``: the pristine 4.3.0 ``logit_lens`` (loaded by path from the
+  release sdist) with per-row targets (entropy and ranks) or ``top_k=5`` (entropy and top 5): it
+  offers no KL or target probability and takes one selector per call.
+- ``this PR targets``: the same call as ``4.3.0 targets`` (what an existing caller pays; it now
+  also gets KL and target probabilities).
+- ``this PR default``: ``logit_lens(..., targets=..., top_k=5)``, chunks of 64 rows x d_vocab.
+- ``this PR statistics_only``: the same with ``statistics_only=True`` (default chunk sizes).
+
+Time: median of ``--repeats`` runs after one warm-up. Peak extra memory: peak resident set size
+(``VmHWM``, reset through ``/proc/self/clear_refs`` before each run) minus the resident size
+before the run. The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns
+every freed block of 64 KiB or more to the system at once: the resident size then follows the
+live allocations and a warm-up cannot pre-fault memory that a timed run reuses unseen.
+
+Usage: ``python benchmarks/bench_logit_lens_statistics.py [--quick] [--threads N] [--repeats N]``.
+Without ``--quick`` the figures go into the "Logit-lens statistics" section of
+``benchmarks/RESULTS.md`` (other sections are left alone).
+"""
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SDIST = os.path.join(ROOT, ".cache", "upstream", "transformer_lens-4.3.0.tar.gz")
+RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+SECTION = "## Logit-lens statistics"
+MIB = 2**20
+CASES = [
+    "naive",
+    "4.3.0 targets",
+    "4.3.0 top-5",
+    "this PR targets",
+    "this PR default",
+    "this PR statistics_only",
+]
+SHAPES = {
+    "full": [("GPT-2 small", 50257, 128), ("256k vocabulary", 256000, 128)],
+    "quick": [("GPT-2 small, quick", 50257, 16), ("256k vocabulary, quick", 256000, 4)],
+}
+N_LAYERS, D_MODEL = 12, 768
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (one case in a fresh process)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    assert match is not None, field
+    return int(match.group(1)) * 1024
+
+
+def _pristine_logit_lens() -> Callable[..., Any]:
+    """4.3.0's ``logit_lens``, imported by path from the release sdist."""
+    target = os.path.join(tempfile.gettempdir(), "tl-4.3.0-logit-lens")
+    path = os.path.join(target, "logit_lens.py")
+    if not os.path.exists(path):
+        os.makedirs(target, exist_ok=True)
+        with tarfile.open(SDIST) as sdist:
+            member = next(
+                m for m in sdist.getmembers() if m.name.endswith("tools/analysis/logit_lens.py")
+            )
+            extracted = sdist.extractfile(member)
+            assert extracted is not None
+            with open(path, "wb") as out:
+                out.write(extracted.read())
+    spec = importlib.util.spec_from_file_location("logit_lens_430", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.logit_lens
+
+
+def build(d_vocab: int, pos: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    torch.manual_seed(0)
+    # n_inner only shortens the set-up: the lens reads the residual stream, not the MLPs.
+    cfg = GPT2Config(
+        vocab_size=d_vocab,
+        n_positions=pos,
+        n_embd=D_MODEL,
+        n_layer=N_LAYERS,
+        n_head=12,
+        n_inner=D_MODEL,
+    )
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # a random final norm, so that one skipped would show
+        hf.transformer.ln_f.weight.normal_(1.0, 0.2)
+        hf.transformer.ln_f.bias.normal_(0.0, 0.2)
+    model = build_bridge_from_module(
+        hf, "GPT2LMHeadModel", hf_config=cfg, dtype=torch.float32, device="cpu"
+    )
+    tokens = torch.randint(d_vocab, (1, pos + 1))
+    _, cache = model.run_with_cache(tokens[:, :-1])
+    return model, cache, tokens[:, 1:]
+
+
+def naive(model, cache, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+    stack = cache.accumulated_resid(apply_ln=True)  # recomputed at the unembed in 4.x
+    logits = model.adapter.apply_output_logits_transform(stack @ model.W_U + model.b_U)
+    log_probs = logits.float().log_softmax(-1)
+    probs = log_probs.exp()
+    index = targets.expand(logits.shape[:-1])[..., None]
+    return {
+        "entropy": -(probs * log_probs).sum(-1),
+        "kl_to_final": (probs[-1] * (log_probs[-1] - log_probs)).sum(-1),
+        "target_probs": probs.gather(-1, index),
+        "target_ranks": (logits > logits.gather(-1, index)).sum(-1, keepdim=True),
+        "top_ids": logits.topk(5, dim=-1).indices,
+    }
+
+
+def case_function(case: str, model, cache, targets) -> Callable[[], Any]:
+    from transformer_lens.tools.analysis import logit_lens
+
+    if case == "naive":
+        return lambda: naive(model, cache, targets)
+    if case.startswith("4.3.0"):
+        pristine = _pristine_logit_lens()
+        if case == "4.3.0 targets":
+            return lambda: pristine(cache, positions=None, targets=targets)
+        return lambda: pristine(cache, positions=None, top_k=5)
+    if case == "this PR targets":
+        return lambda: logit_lens(cache, positions=None, targets=targets)
+    statistics_only = case == "this PR statistics_only"
+    return lambda: logit_lens(
+        cache, positions=None, targets=targets, top_k=5, statistics_only=statistics_only
+    )
+
+
+def worker(case: str, d_vocab: int, pos: int, repeats: int, threads: int) -> Dict[str, Any]:
+    torch.set_num_threads(threads)
+    model, cache, targets = build(d_vocab, pos)
+    function = case_function(case, model, cache, targets)
+    runs = []
+    with torch.no_grad():
+        function()  # warm-up
+        for _ in range(repeats):
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # VmHWM := VmRSS
+            before = _status_bytes("VmRSS")
+            start = time.perf_counter()
+            result = function()
+            seconds = time.perf_counter() - start
+            runs.append((seconds, _status_bytes("VmHWM") - before))
+            del result
+        out: Dict[str, Any] = {
+            "seconds": statistics.median(r[0] for r in runs),
+            "peak_extra": max(r[1] for r in runs),
+        }
+        if case == "this PR statistics_only":
+            readout = function().readout
+            expected = naive(model, cache, targets)
+            out["max_abs_diff"] = {
+                name: float((getattr(readout, name).float() - value.float()).abs().max())
+                for name, value in expected.items()
+            }
+            module = importlib.import_module("transformer_lens.tools.analysis.logit_lens")
+            rows = (N_LAYERS + 1) * pos
+            groups, vocab_chunk = module._statistics_chunk_sizes(
+                rows, N_LAYERS + 1, d_vocab, 4, None, None
+            )
+            out["chunk"] = [groups * (N_LAYERS + 1), vocab_chunk]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def run_case(case: str, d_vocab: int, pos: int, repeats: int, threads: int) -> Dict[str, Any]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1")
+    args = json.dumps([case, d_vocab, pos, repeats, threads])
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", args],
+        env=env,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine_lines(threads: int, repeats: int) -> List[str]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
+    with open("/proc/meminfo") as meminfo:
+        total = re.search(r"^MemTotal:\s+(\d+) kB", meminfo.read(), re.MULTILINE)
+    assert total is not None
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return [
+        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- Machine: {match.group(1) if match else platform.processor()}, "
+        f"{os.cpu_count()} cores, {int(total.group(1)) / 2**20:.0f} GiB RAM, "
+        f"{platform.platform()}; load average at start {load} (the cores are shared)",
+        f"- torch {torch.__version__}, CPU, {threads} thread(s) per process; median of "
+        f"{repeats} runs after a warm-up, each case in a fresh process",
+        "- Peak extra memory: peak RSS (`VmHWM`, reset via `/proc/self/clear_refs`) minus RSS "
+        "before the call, glibc run with `MALLOC_MMAP_THRESHOLD_=65536` so freed blocks leave "
+        "the RSS at once",
+        "- Command: `"
+        + " ".join(["python", f"benchmarks/{os.path.basename(__file__)}", *sys.argv[1:]])
+        + "`",
+    ]
+
+
+def write_section(lines: List[str]) -> None:
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    section = "\n".join([SECTION, "", *lines]) + "\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text).rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(RESULTS, "w") as out:
+        out.write(text)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI sizes; writes nothing")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*json.loads(args.worker))))
+        return
+    repeats = args.repeats or (1 if args.quick else 3)
+    header = machine_lines(args.threads, repeats)
+    print("\n".join(header), flush=True)
+    lines = [
+        "Entropy, KL to the final layer, next-token probability and rank, top 5 over 13 stack "
+        "entries (12 layers + final) of a random GPT-2-shaped bridge, d_model 768, batch 1. "
+        "The 4.3.0 rows compute less (no KL, no probability, one selector per call); "
+        "`this PR targets` is the same call as `4.3.0 targets`; `this PR default` and "
+        "`statistics_only` compute everything in one call.",
+        "",
+        *header,
+        "",
+    ]
+    for name, d_vocab, pos in SHAPES["quick" if args.quick else "full"]:
+        rows = (N_LAYERS + 1) * pos
+        results = {case: run_case(case, d_vocab, pos, repeats, args.threads) for case in CASES}
+        ours = results["this PR statistics_only"]
+        chunk_rows, vocab_chunk = ours["chunk"]
+        stack_bytes = rows * D_MODEL * 4
+        chunk_bytes = chunk_rows * vocab_chunk * 4
+        lines += [
+            f"### {name}: {rows:,} rows x {d_vocab:,} vocabulary",
+            "",
+            f"Naive logits alone: {rows * d_vocab * 4 / MIB:.0f} MiB. Residual stack "
+            f"{stack_bytes / MIB:.1f} MiB; one default chunk {chunk_rows:,} x {vocab_chunk:,} "
+            f"float32 = {chunk_bytes / MIB:.1f} MiB; bound (stack + chunk) "
+            f"{(stack_bytes + chunk_bytes) / MIB:.1f} MiB.",
+            "",
+            "| case | time | peak extra memory | time / 4.3.0 targets |",
+            "|---|---|---|---|",
+        ]
+        base = results["4.3.0 targets"]["seconds"]
+        for case in CASES:
+            r = results[case]
+            lines.append(
+                f"| {case} | {r['seconds']:.2f} s | {r['peak_extra'] / MIB:.1f} MiB | "
+                f"{r['seconds'] / base:.2f}x |"
+            )
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in ours["max_abs_diff"].items())
+        lines += [
+            "",
+            f"statistics_only against naive, max abs difference: {diffs}.",
+            "",
+        ]
+        print("\n".join(lines[-(len(CASES) + 9) :]), flush=True)
+    if not args.quick:
+        write_section(lines)
+        print(f"Wrote the section to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
