@@ -23,17 +23,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from series import ENV  # noqa: E402  (fixed git identity and dates, shared with patches/)
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "pr" / "series"
 CHECK_TREE = ROOT / "build" / "pr-check" / "tree"
-ENV = {
-    "GIT_AUTHOR_NAME": "transformer-lens fork build",
-    "GIT_AUTHOR_EMAIL": "fork-build@localhost",
-    "GIT_AUTHOR_DATE": "2026-11-25T00:00:00+00:00",
-    "GIT_COMMITTER_NAME": "transformer-lens fork build",
-    "GIT_COMMITTER_EMAIL": "fork-build@localhost",
-    "GIT_COMMITTER_DATE": "2026-11-25T00:00:00+00:00",
-}
 
 
 @dataclass(frozen=True)
