@@ -166,7 +166,11 @@ def description(pr: PullRequest, base: str, tree: Path, patches: list[Path]) -> 
     template = (ROOT / "tools" / f"{pr.name}_description.md.in").read_text()
     stat = git(tree, "diff", "--shortstat", base, "HEAD").strip()
     code_stat = git(tree, "diff", "--shortstat", base, "HEAD", "--", "transformer_lens").strip()
-    series = "\n".join(f"{i}. `{p.name}`" for i, p in enumerate(patches, 1))
+    commits = git(tree, "rev-list", "--reverse", f"{base}..HEAD").split()
+    series = "\n".join(
+        f"{i}. `{p.name}`: {git(tree, 'diff', '--shortstat', f'{c}~', c).strip()}"
+        for i, (p, c) in enumerate(zip(patches, commits), 1)
+    )
     return (
         template.replace("@SIZE@", f"{stat}; library code only: {code_stat}")
         .replace("@BENCH@", benchmark_table())
