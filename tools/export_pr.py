@@ -234,41 +234,61 @@ def export() -> None:
 
 
 def check(python: str) -> int:
+    """Apply each series to a fresh pristine tree; run its tests and upstream's there."""
     tree = CHECK_TREE
     pristine(tree)
+    pristine_tree = ROOT / "build" / "pristine"
+    if not (pristine_tree / ".git").exists():
+        pristine(pristine_tree)
     status = 0
     for pr in PULL_REQUESTS:
         out = ROOT / "dist" / pr.name
         for patch in sorted(out.glob("*.patch")):
             git(tree, "am", "--quiet", str(patch))
+        on = "pristine 4.3.0" + (" + pr1" if pr is PR2 else "")
         ours = [
             path
             for group in pr.groups
             for path in added_files(pr, group)
             if re.match(r"tests/.*\.py$", path)
         ]
-        command = [python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "not slow"]
-        command += ours + list(pr.upstream_tests)
-        result = run(
-            *command,
-            cwd=tree,
-            check=False,
-            env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        )
+        offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        command = [python, "-m", "pytest", "-p", "no:cacheprovider", "-q", *ours]
+        result = run(*command, cwd=tree, check=False, env=offline)
         imported = run(
             python, "-c", "import transformer_lens; print(transformer_lens.__file__)", cwd=tree
         ).stdout.strip()
         tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "(no output)"
+        # Upstream's tests, against their outcomes on pristine 4.3.0 (some fail there already).
+        compare = run(
+            python,
+            str(ROOT / "tools" / "compare_suites.py"),
+            "--pristine",
+            str(pristine_tree),
+            "--fork",
+            str(tree),
+            "--report-dir",
+            str(ROOT / "build" / "pr-check" / pr.name),
+            "-m",
+            "not slow",
+            *pr.upstream_tests,
+            cwd=ROOT,
+            check=False,
+        )
         report = (
-            f"# {pr.name}: applied with `git am` to pristine 4.3.0"
-            + (" + pr1" if pr is PR2 else "")
-            + f"\n\ntransformer_lens imported from: {imported}\n\n"
-            + f"pytest {' '.join(command[5:])}\n\nresult: {tail}\n"
+            f"# {pr.name}: applied with `git am` to {on}\n\n"
+            f"transformer_lens imported from: {imported}\n\n"
+            f"The tests this series adds: `pytest {' '.join(ours)}`\n\n{tail}\n\n"
+            f"Upstream's tests of the code it touches, against pristine 4.3.0:\n\n"
+            f"```\n{compare.stdout.strip()}\n```\n"
         )
         (out / "CHECK.md").write_text(report)
-        print(f"{pr.name} on pristine 4.3.0{' + pr1' if pr is PR2 else ''}: {tail}")
+        print(f"{pr.name} on {on}: its tests: {tail}")
+        print(compare.stdout.strip())
         if result.returncode != 0:
             print(result.stdout[-4000:])
+            status = 1
+        if compare.returncode != 0:
             status = 1
     return status
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 PAGE = Path(__file__).parents[2] / "docs" / "source" / "content" / "logit_lens.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -29,6 +30,11 @@ def test_page_recipes_run_with_the_printed_output():
     test = doctest.DocTestParser().get_doctest(page_examples(), {}, PAGE.name, str(PAGE), 0)
     runner = doctest.DocTestRunner(optionflags=flags)
     failures = []
-    runner.run(test, out=failures.append)
+    # The page turns gradients off globally, as a user session would; later tests need them.
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        runner.run(test, out=failures.append)
+    finally:
+        torch.set_grad_enabled(grad_enabled)
     if runner.failures:
         pytest.fail("".join(failures), pytrace=False)
