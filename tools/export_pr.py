@@ -98,7 +98,9 @@ PR1 = PullRequest(
         "tests/unit/model_bridge/test_mixed_norm_decomposition.py",
         "tests/unit/model_bridge/generalized_components/test_normalization_bridge.py",
         "tests/unit/model_bridge/generalized_components/test_normalization_hook_semantics.py",
+        "tests/unit/model_bridge/generalized_components/test_layernorm_weight_offset.py",
         "tests/unit/tools/test_logit_lens.py",
+        "tests/integration/test_logit_lens.py",
     ),
 )
 PR2 = PullRequest(
@@ -112,7 +114,7 @@ PR2 = PullRequest(
             "bfloat16 models, odd chunk sizes, a vocabulary not divisible by the chunk.",
         ),
     ),
-    ("tests/unit/tools/test_logit_lens.py",),
+    ("tests/unit/tools/test_logit_lens.py", "tests/integration/test_logit_lens.py"),
 )
 PULL_REQUESTS = (PR1, PR2)
 
