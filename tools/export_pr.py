@@ -58,6 +58,7 @@ PR1 = PullRequest(
         Group(
             (
                 "tests/unit/test_activation_cache_recompute_ln.py",
+                "tests/unit/model_bridge/generalized_components/test_normalize_without_hooks.py",
                 "tests/integration/test_recompute_ln_hf_ground_truth.py",
                 "tests/acceptance/test_recompute_ln_pretrained.py",
             ),
