@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Exports the two pull requests as `git format-patch` series against TransformerLens 4.3.0.
+"""Exports the pull requests of tools/pull_requests.py as `git format-patch` series against 4.3.0.
 
 Subcommands:
-    export   write dist/pr1/ and dist/pr2/: each series, DESCRIPTION.md (upstream's PR template,
-             filled from tools/prN_description.md.in, with the series' size), LEFT_OUT.md
-    check    apply dist/pr1 with `git am` to a fresh pristine release (never build/fork) and run
-             the tests it adds plus upstream's tests of the code it touches; then apply dist/pr2 on
-             top and do the same for it. Writes dist/prN/CHECK.md.
+    export   write dist/<pr>/ for every PR of the manifest: its series, DESCRIPTION.md (upstream's
+             PR template, filled from tools/<pr>_description.md.in, with the series' size),
+             LEFT_OUT.md
+    check    apply each dist/<pr> in the manifest's order with `git am` to a fresh pristine release
+             (never build/fork) and run, after each, the tests it adds and upstream's tests of the
+             code it touches. Writes dist/<pr>/CHECK.md.
 
-A series is: the PR's edits to upstream files (patches/prN/, one commit per file), then one commit
-each for the groups of files the PR adds (tests, docs, demo). The second PR is stacked on the first.
+A series is the manifest's commits of the PR, in order. Each PR is stacked on the ones before it.
 Identity, dates and git configuration are fixed, so a rerun gives the same bytes.
 """
 
@@ -20,104 +20,16 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pull_requests import PULL_REQUESTS, Commit, PullRequest  # noqa: E402
 from series import ENV  # noqa: E402  (fixed git identity and dates, shared with patches/)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "pr" / "series"
 CHECK_TREE = ROOT / "build" / "pr-check" / "tree"
-
-
-@dataclass(frozen=True)
-class Group:
-    """Files a PR adds, committed together."""
-
-    paths: tuple[str, ...]
-    message: str
-    # Upstream files whose patch belongs in this commit rather than before it (the toctree line
-    # goes with the page it lists, so that every commit of the series builds its docs).
-    edits: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class PullRequest:
-    name: str
-    title: str
-    groups: tuple[Group, ...]
-    # Upstream's tests of the code the PR touches, run on the patched pristine tree by `check`.
-    upstream_tests: tuple[str, ...]
-
-
-PR1 = PullRequest(
-    "pr1",
-    "Fresh normalization at every norm target, hook-free (extends #1180)",
-    (
-        Group(
-            (
-                "tests/unit/test_activation_cache_recompute_ln.py",
-                "tests/unit/model_bridge/generalized_components/test_normalize_without_hooks.py",
-                "tests/integration/test_recompute_ln_hf_ground_truth.py",
-                "tests/acceptance/test_recompute_ln_pretrained.py",
-            ),
-            "Test recompute_ln against Hugging Face's own norm modules\n\n"
-            "Ground truth is independent of the new code: Hugging Face's norm modules applied\n"
-            "to Hugging Face's own pre-norm residuals, on GPT-2, GPT-NeoX, Llama and Gemma\n"
-            "built from configs with randomized norm weights and a residual that grows with\n"
-            "depth, raw and compatibility mode, float32 and bfloat16. Unit tests pin the\n"
-            "default to 4.3.0's results, count hooks, and check the cache is untouched.\n"
-            "gpt2 and pythia-70m run where their weights are cached and skip otherwise.",
-        ),
-        Group(
-            (
-                "docs/source/content/logit_lens.md",
-                "docs/source/_static/logit_lens/entropy_per_layer.svg",
-                "docs/source/_static/logit_lens/kl_to_final_per_layer.svg",
-                "docs/source/_static/logit_lens/temperature_per_layer.svg",
-                "tests/unit/test_logit_lens_docs_page.py",
-            ),
-            "Docs: the logit lens and direct logit attribution, side by side\n\n"
-            "Which question each normalization answers, why the cached scale acts as a\n"
-            "softmax temperature on early layers, recipes on TransformerBridge (run by the\n"
-            "test suite with their output checked) and a migration note per release line.",
-            edits=("docs/source/index.md",),
-        ),
-        Group(
-            ("demos/Logit_Lens_Demo.ipynb", "demos/logit_lens_demo.py"),
-            "Demo: the logit lens with fresh normalization, notebook and script\n\n"
-            "The notebook is self-contained and Colab-ready (pretrained GPT-2 there, a small\n"
-            "model built from a config offline) and committed with outputs for nbval. The\n"
-            "script averages the lens over many windows of a text file and draws the docs\n"
-            "page's figures; its arguments are validated and it writes where it is told.",
-        ),
-    ),
-    (
-        "tests/unit/test_activation_cache.py",
-        "tests/unit/test_activation_cache_batch_dim.py",
-        "tests/unit/model_bridge/test_mixed_norm_decomposition.py",
-        "tests/unit/model_bridge/generalized_components/test_normalization_bridge.py",
-        "tests/unit/model_bridge/generalized_components/test_normalization_hook_semantics.py",
-        "tests/unit/model_bridge/generalized_components/test_layernorm_weight_offset.py",
-        "tests/unit/tools/test_logit_lens.py",
-        "tests/integration/test_logit_lens.py",
-    ),
-)
-PR2 = PullRequest(
-    "pr2",
-    "Logit lens: KL to the final layer, target probability, bounded memory",
-    (
-        Group(
-            ("tests/unit/tools/test_logit_lens_statistics.py",),
-            "Test the logit-lens statistics against the naive full computation\n\n"
-            "log_softmax of the materialized logits is the reference: soft-capped and\n"
-            "bfloat16 models, odd chunk sizes, a vocabulary not divisible by the chunk.",
-        ),
-    ),
-    ("tests/unit/tools/test_logit_lens.py", "tests/integration/test_logit_lens.py"),
-)
-PULL_REQUESTS = (PR1, PR2)
 
 
 def run(*args: str, cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -135,47 +47,68 @@ def pristine(tree: Path) -> None:
     subprocess.run([str(ROOT / "tools" / "fork.sh"), "pristine", str(tree)], cwd=ROOT, check=True)
 
 
-def added_files(pr: PullRequest, group: Group) -> list[str]:
-    listed = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard", "--", *group.paths)
+def added_files(paths: tuple[str, ...]) -> list[str]:
+    """The files of `paths` this repository has (a PR may list a file that is not written yet)."""
+    listed = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard", "--", *paths)
     return sorted(listed.split())
 
 
-def commit_pr(tree: Path, pr: PullRequest) -> None:
-    """Apply the PR's patches to tree, then commit each group of the files it adds."""
-    with_group = {path: group for group in pr.groups for path in group.edits}
-    deferred: dict[Group, list[Path]] = {}
+def patch_of(pr: PullRequest, path: str) -> Path:
+    """The patch in patches/<pr>/ that edits upstream file `path`."""
     for patch in sorted((ROOT / "patches" / pr.name).glob("*.patch")):
-        edited = re.findall(r"^diff --git a/(\S+) b/", patch.read_text(), re.M)
-        if edited and edited[0] in with_group:
-            deferred.setdefault(with_group[edited[0]], []).append(patch)
-        else:
-            git(tree, "am", "--quiet", "--committer-date-is-author-date", str(patch))
-    for group in pr.groups:
-        files = added_files(pr, group)
-        for patch in deferred.get(group, []):
-            git(tree, "apply", "--index", str(patch))
-        if not files and group not in deferred:
-            continue
-        for path in files:
-            target = tree / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((ROOT / path).read_bytes())
-        git(tree, "add", "--", *files)
-        git(tree, "commit", "--quiet", "-m", group.message)
+        if re.search(rf"^diff --git a/{re.escape(path)} b/", patch.read_text(), re.M):
+            return patch
+    raise SystemExit(f"{pr.name} lists an edit of {path}, but patches/{pr.name}/ has no patch of it")
+
+
+def commit_one(tree: Path, pr: PullRequest, commit: Commit) -> None:
+    """An edits-only commit takes each patch as it is; otherwise one commit with our message."""
+    if not commit.adds:
+        for path in commit.edits:
+            git(tree, "am", "--quiet", "--committer-date-is-author-date", str(patch_of(pr, path)))
+        return
+    for path in commit.edits:
+        git(tree, "apply", "--index", str(patch_of(pr, path)))
+    files = added_files(commit.adds)
+    for path in files:
+        target = tree / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((ROOT / path).read_bytes())
+    git(tree, "add", "--", *files)
+    git(tree, "commit", "--quiet", "-m", commit.message)
+
+
+def category(path: str) -> str:
+    if path.startswith("transformer_lens/"):
+        return "library"
+    if path.startswith("tests/"):
+        return "tests"
+    if path.startswith(("docs/", "demos/")):
+        return "docs and demos"
+    return "other"
+
+
+def size_by_category(tree: Path, base: str) -> str:
+    changed: Counter[str] = Counter()
+    for line in git(tree, "diff", "--numstat", base, "HEAD").splitlines():
+        added, deleted, path = line.split("\t")
+        if added != "-":
+            changed[category(path)] += int(added) + int(deleted)
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(changed.items()))
 
 
 def description(pr: PullRequest, base: str, tree: Path, patches: list[Path]) -> str:
     """The PR text: the template with the series and its size filled in."""
-    template = (ROOT / "tools" / f"{pr.name}_description.md.in").read_text()
+    template = (ROOT / pr.description_template).read_text()
     stat = git(tree, "diff", "--shortstat", base, "HEAD").strip()
-    code_stat = git(tree, "diff", "--shortstat", base, "HEAD", "--", "transformer_lens").strip()
     commits = git(tree, "rev-list", "--reverse", f"{base}..HEAD").split()
     series = "\n".join(
         f"{i}. `{p.name}`: {git(tree, 'diff', '--shortstat', f'{c}~', c).strip()}"
         for i, (p, c) in enumerate(zip(patches, commits), 1)
     )
+    size = f"{stat}; changed lines (added + removed) by category: {size_by_category(tree, base)}"
     return (
-        template.replace("@SIZE@", f"{stat}; library code only: {code_stat}")
+        template.replace("@SIZE@", size)
         .replace("@BENCH@", benchmark_table())
         .replace("@SERIES@", series)
         .replace("@TITLE@", pr.title)
@@ -193,9 +126,7 @@ def benchmark_table() -> str:
 
 
 def left_out() -> str:
-    exported = {
-        path for pr in PULL_REQUESTS for group in pr.groups for path in added_files(pr, group)
-    }
+    exported = {path for pr in PULL_REQUESTS for path in added_files(pr.adds)}
     ours = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard").split()
     rest = [path for path in ours if path not in exported]
     lines = ["# Files of this repository that no pull request exports", ""]
@@ -219,7 +150,8 @@ def export() -> None:
                 old.unlink()
         out.mkdir(parents=True, exist_ok=True)
         start = git(tree, "rev-parse", "HEAD").strip()
-        commit_pr(tree, pr)
+        for commit in pr.commits:
+            commit_one(tree, pr, commit)
         git(
             tree,
             "format-patch",
@@ -244,17 +176,18 @@ def check(python: str) -> int:
     if not (pristine_tree / ".git").exists():
         pristine(pristine_tree)
     status = 0
+    applied: list[str] = []
     for pr in PULL_REQUESTS:
         out = ROOT / "dist" / pr.name
         for patch in sorted(out.glob("*.patch")):
             git(tree, "am", "--quiet", str(patch))
-        on = "pristine 4.3.0" + (" + pr1" if pr is PR2 else "")
-        ours = [
-            path
-            for group in pr.groups
-            for path in added_files(pr, group)
-            if re.match(r"tests/.*\.py$", path)
-        ]
+        on = " + ".join(["pristine 4.3.0", *applied])
+        applied.append(pr.name)
+        ours = [path for path in added_files(pr.adds) if re.match(r"tests/.*\.py$", path)]
+        # Acceptance tests load pretrained weights from the Hub, which upstream's CI caches and
+        # this offline check cannot reach: deselected here, and said so in CHECK.md.
+        acceptance = [path for path in ours if path.startswith("tests/acceptance/")]
+        ours = [path for path in ours if path not in acceptance]
         offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         command = [python, "-m", "pytest", "-p", "no:cacheprovider", "-q", *ours]
         result = run(*command, cwd=tree, check=False, env=offline)
@@ -278,13 +211,21 @@ def check(python: str) -> int:
             cwd=ROOT,
             check=False,
         )
+        deselected = (
+            f"Deselected: {', '.join(acceptance)}. They load pretrained weights from the Hub, "
+            "which upstream's CI caches and this offline check cannot reach.\n\n"
+            if acceptance
+            else ""
+        )
         report = (
             f"# {pr.name}: applied with `git am` to {on}\n\n"
             f"transformer_lens imported from: {imported}\n\n"
-            f"The tests this series adds: `pytest {' '.join(ours)}`\n\n{tail}\n\n"
+            f"The tests this series adds: `pytest {' '.join(ours)}`\n\n{tail}\n\n{deselected}"
             f"Upstream's tests of the code it touches, against pristine 4.3.0:\n\n"
             f"```\n{compare.stdout.strip()}\n```\n"
         )
+        if acceptance:
+            print(f"{pr.name}: {deselected.strip()}")
         (out / "CHECK.md").write_text(report)
         print(f"{pr.name} on {on}: its tests: {tail}")
         print(compare.stdout.strip())

@@ -4,7 +4,7 @@
 #   fetch          download the pinned sdist into .cache/upstream and check its sha256
 #   fork           (re)create build/fork, refusing to discard edits that patches/ lacks
 #   link           link files added to this repository since the fork was built
-#   patches        regenerate patches/pr1 and patches/pr2 from build/fork (tools/series.py)
+#   patches        regenerate patches/prN from build/fork (tools/series.py, tools/pull_requests.py)
 #   patches-check  exit 1, naming the files, if build/fork edits upstream files beyond patches/
 #   pristine DIR   unpack the pristine release into DIR as a git repository (for `make pr`)
 set -euo pipefail
@@ -56,8 +56,13 @@ pristine() {
 
 upstream_files() { fgit ls-tree -r --name-only upstream; }
 
-# The patches of both pull requests, in the order they apply: the first PR's, then the second's.
-series_patches() { ls patches/pr1/*.patch patches/pr2/*.patch 2>/dev/null || true; }
+# The patches of every pull request, in the order they apply (the manifest's order of PRs).
+series_patches() {
+    local dir
+    for dir in $(python3 tools/pull_requests.py patch-dirs); do
+        ls "$dir"/*.patch 2>/dev/null || true
+    done
+}
 
 # The tree that pristine + patches/ gives, written to the fork's object store.
 expected_tree() {

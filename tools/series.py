@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Writes patches/ from build/fork: one `git am` patch per edited upstream file, grouped by PR.
 
-Each pull request edits its own upstream files (FILES_OF_PR2 names the second one's; every other
-edited file belongs to the first), so the series of each is one commit per file, in a stable
-order: files already in patches/ keep their place and their commit message (edit the message in
-the patch file itself), new files come last with a placeholder message to rewrite. Dates and
-identity are fixed, so the same edits give the same bytes.
+Each pull request edits its own upstream files, as the manifest (tools/pull_requests.py) lists
+them, so the series of each is one commit per file, in the manifest's order. A patch keeps the
+commit message it already has in patches/ (edit the message in the patch file itself); a new one
+gets a placeholder message to rewrite. An edited file the manifest does not list, or lists twice,
+stops the export. Dates and identity are fixed, so the same edits give the same bytes.
 
 Usage: tools/series.py build/fork patches
 """
@@ -19,11 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-PRS = ("pr1", "pr2")
-FILES_OF_PR2 = {
-    "transformer_lens/tools/analysis/logit_lens.py",
-    "docs/source/content/analysis_tools.md",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pull_requests import PULL_REQUESTS, pull_request_editing  # noqa: E402
+
 ENV = {
     "GIT_AUTHOR_NAME": "transformer-lens fork build",
     "GIT_AUTHOR_EMAIL": "fork-build@localhost",
@@ -47,9 +45,9 @@ def git(fork: Path, *args: str, env: dict[str, str] | None = None, stdin: str = 
     return result.stdout
 
 
-def existing_messages(patch_dir: Path) -> list[tuple[str, str]]:
-    """(file, commit message) of each patch already in patch_dir, in series order."""
-    found = []
+def existing_messages(patch_dir: Path) -> dict[str, str]:
+    """{file: commit message} of each patch already in patch_dir."""
+    found = {}
     for patch in sorted(patch_dir.glob("*.patch")):
         text = patch.read_text()
         header, _, rest = text.partition("\n\n")
@@ -58,7 +56,7 @@ def existing_messages(patch_dir: Path) -> list[tuple[str, str]]:
         files = re.findall(r"^diff --git a/(\S+) b/", text, re.M)
         if subject and files:
             message = subject.group(1).replace("\n ", " ") + "\n\n" + body.strip() + "\n"
-            found.append((files[0], message))
+            found[files[0]] = message
     return found
 
 
@@ -78,16 +76,14 @@ def commit_files(fork: Path, parent: str, files: list[str], messages: dict[str, 
 
 def main(fork: Path, patches: Path) -> None:
     edited = git(fork, "diff", "--name-only", "upstream", "HEAD", "--diff-filter=M").split()
+    for path in edited:
+        pull_request_editing(path)
     base = "upstream"
-    for pr in PRS:
-        out = patches / pr
+    for pr in PULL_REQUESTS:
+        out = patches / pr.name
         out.mkdir(parents=True, exist_ok=True)
-        mine = [f for f in edited if (f in FILES_OF_PR2) == (pr == "pr2")]
-        known = existing_messages(out)
-        order = [f for f, _ in known if f in mine] + sorted(
-            f for f in mine if f not in {g for g, _ in known}
-        )
-        tip = commit_files(fork, git(fork, "rev-parse", base).strip(), order, dict(known))
+        order = [path for path in pr.edits if path in edited]
+        tip = commit_files(fork, git(fork, "rev-parse", base).strip(), order, existing_messages(out))
         for old in out.glob("*.patch"):
             old.unlink()
         if order:
@@ -102,7 +98,7 @@ def main(fork: Path, patches: Path) -> None:
                 str(out.resolve()),
                 f"{git(fork, 'rev-parse', base).strip()}..{tip}",
             )
-        print(f"patches/{pr}: " + (", ".join(order) or "no edits"))
+        print(f"patches/{pr.name}: " + (", ".join(order) or "no edits"))
         base = tip
 
 

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""The one manifest of the pull requests: which files and edits each carries, in which order.
+
+Every other tool reads this file: `tools/series.py` (which PR's `patches/<name>/` an edit of an
+upstream file is exported to), `tools/fork.sh` (the order the patches apply in), and
+`tools/export_pr.py` (`make pr`, `make pr-check`: the commits of each series, its description,
+the upstream tests it is checked against). Each PR is stacked on the ones before it.
+
+A PR is a series of commits. A commit carries the edits of some upstream files (`edits`: the patch
+of each is `patches/<pr>/`, written by `make patches`, with its message kept in the patch) and the
+files this repository adds at upstream paths (`adds`), or both. A commit with `adds` and no
+`edits` takes its message from here; one with `edits` only takes each patch's own message.
+
+Usage: tools/pull_requests.py patch-dirs   (prints patches/<name> of every PR, in order)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One commit of a series."""
+
+    message: str = ""
+    edits: tuple[str, ...] = ()
+    adds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    name: str
+    title: str
+    commits: tuple[Commit, ...]
+    # Upstream's tests of the code the PR touches: `make pr-check` runs them on pristine 4.3.0 and
+    # on pristine + the series up to this PR; none that passes on pristine may fail.
+    upstream_tests: tuple[str, ...] = ()
+
+    @property
+    def description_template(self) -> str:
+        return f"tools/{self.name}_description.md.in"
+
+    @property
+    def edits(self) -> tuple[str, ...]:
+        return tuple(path for commit in self.commits for path in commit.edits)
+
+    @property
+    def adds(self) -> tuple[str, ...]:
+        return tuple(path for commit in self.commits for path in commit.adds)
+
+
+UPSTREAM_CACHE_AND_NORM_TESTS = (
+    "tests/unit/test_activation_cache.py",
+    "tests/unit/test_activation_cache_batch_dim.py",
+    "tests/unit/model_bridge/test_mixed_norm_decomposition.py",
+    "tests/unit/model_bridge/generalized_components/test_normalization_bridge.py",
+    "tests/unit/model_bridge/generalized_components/test_normalization_hook_semantics.py",
+    "tests/unit/model_bridge/generalized_components/test_layernorm_weight_offset.py",
+)
+UPSTREAM_LOGIT_LENS_TESTS = ("tests/unit/tools/test_logit_lens.py", "tests/integration/test_logit_lens.py")
+
+PULL_REQUESTS = (
+    PullRequest(
+        "pr1",
+        "Fresh normalization at every norm target, the norm's own arithmetic, no hooks (extends #1180)",
+        (
+            Commit(
+                edits=("transformer_lens/model_bridge/generalized_components/normalization.py",)
+            ),
+            Commit(edits=("transformer_lens/ActivationCache.py",)),
+            Commit(
+                "Test recompute_ln: the norm's own forward, 4.3.0, and Hugging Face's norms\n\n"
+                "Unit tests: normalize_without_hooks equals each norm class's forward with\n"
+                "torch.equal (LN, LNPre, RMS, RMSPre, 1 + w, no affine, Identity; float32 and\n"
+                "bfloat16; raw and compatibility mode); the default equals 4.3.0's per-entry\n"
+                "loop bit for bit; no hook fires; the cache is untouched; bad input and\n"
+                "filtered caches raise a ValueError naming the fix. Integration: Hugging Face's\n"
+                "norm modules applied to Hugging Face's own pre-norm residuals on GPT-2,\n"
+                "GPT-NeoX, Llama and Gemma built from configs. Acceptance: gpt2 and pythia-70m.",
+                adds=(
+                    "tests/unit/test_activation_cache_recompute_ln.py",
+                    "tests/unit/model_bridge/generalized_components/test_normalize_without_hooks.py",
+                    "tests/integration/test_recompute_ln_hf_ground_truth.py",
+                    "tests/acceptance/test_recompute_ln_pretrained.py",
+                ),
+            ),
+        ),
+        UPSTREAM_CACHE_AND_NORM_TESTS + UPSTREAM_LOGIT_LENS_TESTS,
+    ),
+    PullRequest(
+        "pr2",
+        "Docs: the logit lens and direct logit attribution",
+        (
+            Commit(
+                "Docs: the logit lens and direct logit attribution, side by side\n\n"
+                "Which question each normalization answers, why the cached scale acts as a\n"
+                "softmax temperature on early layers, and recipes on TransformerBridge that the\n"
+                "test suite runs with their output checked.",
+                edits=("docs/source/index.md",),
+                adds=(
+                    "docs/source/content/logit_lens.md",
+                    "docs/source/_static/logit_lens/entropy_per_layer.svg",
+                    "docs/source/_static/logit_lens/kl_to_final_per_layer.svg",
+                    "docs/source/_static/logit_lens/temperature_per_layer.svg",
+                    "tests/unit/test_logit_lens_docs_page.py",
+                ),
+            ),
+            Commit(
+                "Demo: the logit lens with fresh normalization, notebook and script\n\n"
+                "The notebook is committed with outputs for nbval; the script averages the lens\n"
+                "over many windows of a text file and draws the docs page's figures.",
+                adds=("demos/Logit_Lens_Demo.ipynb", "demos/logit_lens_demo.py"),
+            ),
+        ),
+        UPSTREAM_CACHE_AND_NORM_TESTS,
+    ),
+    PullRequest(
+        "pr3",
+        "Logit lens: KL to the final layer, target probability, bounded memory",
+        (
+            Commit(edits=("transformer_lens/tools/analysis/logit_lens.py",)),
+            Commit(edits=("docs/source/content/analysis_tools.md",)),
+            Commit(
+                "Test the logit-lens statistics against the naive full computation\n\n"
+                "log_softmax of the materialized logits is the reference: soft-capped and\n"
+                "bfloat16 models, odd chunk sizes, a vocabulary not divisible by the chunk.",
+                adds=("tests/unit/tools/test_logit_lens_statistics.py",),
+            ),
+        ),
+        UPSTREAM_LOGIT_LENS_TESTS,
+    ),
+)
+
+
+def pull_request_editing(path: str) -> PullRequest:
+    """The PR whose series carries the edit of upstream file `path`."""
+    owners = [pr for pr in PULL_REQUESTS if path in pr.edits]
+    if len(owners) != 1:
+        where = ", ".join(pr.name for pr in owners) or "no pull request"
+        raise SystemExit(
+            f"{path} is edited in build/fork, and {where} in tools/pull_requests.py lists it: "
+            "list each edited upstream file in the `edits` of exactly one commit."
+        )
+    return owners[0]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["patch-dirs"]:
+        print("\n".join(f"patches/{pr.name}" for pr in PULL_REQUESTS))
+    else:
+        raise SystemExit(__doc__)
