@@ -1,22 +1,28 @@
 #!/usr/bin/env python3
-"""Fresh normalization against the cached scale and against 4.3.0's per-entry loop, side by side.
+"""Fresh normalization against 4.3.0's per-entry loop, the cached scale and a fused kernel.
 
-On one GPT-2-small-shaped cache (a random-init GPT-2 small in a TransformerBridge), times
-``apply_ln_to_stack`` on the whole accumulated-residual stack three ways in the same process:
+On GPT-2-small-shaped caches (raw and compatibility mode) and a Llama-shaped one, times
+``apply_ln_to_stack`` on the whole accumulated-residual stack, all in the same process:
 
-- cached: the fork's ``recompute_ln=False`` (centre, divide by ``ln_final.hook_scale``);
-- fresh: the fork's ``recompute_ln=True`` (``normalize_without_hooks``, one call, no hook);
+- fresh: the fork's ``recompute_ln=True`` (``normalize_without_hooks``: the norm's own forward,
+  hooks bypassed, walked a few rows at a time);
 - 4.3.0 loop: pristine 4.3.0's own ``ActivationCache.apply_ln_to_stack(recompute_ln=True)``, loaded
-  from the unpacked release, which calls ``ln_final`` once per stack entry (hooks fire).
+  from the unpacked release, which calls ``ln_final`` once per stack entry (hooks fire);
+- cached: ``recompute_ln=False`` (centre, divide by ``ln_final.hook_scale``);
+- fused: what an earlier version of the PR did instead, one ``F.layer_norm`` (or one RMS
+  expression) over the whole stack with the norm's weight and bias: faster, but not the norm's
+  own arithmetic, so it differs from 4.3.0 in the last bits. Kept here only to price exactness.
 
-Each figure is the median of repeated runs after a warm-up. A Llama-shaped RMSNorm row is added
-for information. ``--quick`` uses CI sizes and prints only; otherwise the table and the machine are
-written to the "Fresh normalization" section of benchmarks/RESULTS.md.
+Each time is the median of repeated runs after a warm-up. Peak extra memory is the peak of what
+the call has allocated and not yet freed, output included, from the allocation events of torch's
+profiler. ``--quick`` uses CI sizes and prints only; otherwise the table is written to
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import platform
 import re
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from transformer_lens import ActivationCache
@@ -64,7 +71,46 @@ def median_ms(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, model, tokens: torch.Tensor, repeats: int) -> list[str]:
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def return_freed_memory_at_once() -> None:
+    """Make glibc map every block above 64 KiB on its own, so that a freed temporary leaves the
+    resident size at once and the peak resident size counts every temporary. Slows allocation:
+    call it after the timings."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
+def peak_extra_mib(function: Callable[[], object]) -> float:
+    """Peak resident size during the call (its output included) minus the resident size before."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM := VmRSS
+    before = _status_bytes("VmRSS")
+    result = function()
+    peak = _status_bytes("VmHWM")
+    del result
+    return (peak - before) / 2**20
+
+
+def fused(norm, stack: torch.Tensor) -> torch.Tensor:
+    """One fused call over the stack (the earlier PR's arithmetic), for comparison only."""
+    module = norm.original_component
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-5)
+    if norm.uses_rms_norm:
+        x = stack.float()
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return (out * weight if weight is not None else out).to(stack.dtype)
+    bias = getattr(module, "bias", None)
+    return F.layer_norm(stack, stack.shape[-1:], weight, bias, eps)
+
+
+def bench_model(name: str, model, tokens: torch.Tensor, repeats: int) -> Callable[[], str]:
+    """Times every case now; returns what measures memory and writes the row, to call later."""
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
     stack = cache.accumulated_resid()
@@ -76,25 +122,36 @@ def bench_model(name: str, model, tokens: torch.Tensor, repeats: int) -> list[st
 
     for hook_point in model.hook_dict.values():
         hook_point.add_hook(count)
+    calls = {
+        "fresh": lambda: cache.apply_ln_to_stack(stack, recompute_ln=True),
+        "loop": lambda: pristine.apply_ln_to_stack(stack, recompute_ln=True),
+        "cached": lambda: cache.apply_ln_to_stack(stack, recompute_ln=False),
+        "fused": lambda: fused(model.ln_final, stack),
+    }
+    ms, hooks = {}, {}
     with torch.no_grad():
-        cached = median_ms(lambda: cache.apply_ln_to_stack(stack, recompute_ln=False), repeats)
-        calls_before = hook_calls[0]
-        fresh = median_ms(lambda: cache.apply_ln_to_stack(stack, recompute_ln=True), repeats)
-        fresh_hooks = hook_calls[0] - calls_before
-        calls_before = hook_calls[0]
-        loop = median_ms(lambda: pristine.apply_ln_to_stack(stack, recompute_ln=True), repeats)
-        loop_hooks = (hook_calls[0] - calls_before) // (repeats + 1)
-        same = torch.allclose(
-            cache.apply_ln_to_stack(stack, recompute_ln=True),
-            pristine.apply_ln_to_stack(stack, recompute_ln=True),
-            atol=1e-5,
-        )
+        for case, call in calls.items():
+            before = hook_calls[0]
+            ms[case] = median_ms(call, repeats)
+            hooks[case] = (hook_calls[0] - before) // (repeats + 1)
+        reference = calls["loop"]()
+        same = torch.equal(calls["fresh"](), reference)
+        fused_off = (calls["fused"]() - reference).abs().max().item()
     model.reset_hooks()
     shape = "×".join(str(d) for d in stack.shape)
-    return [
-        f"| {name} | {shape} | {cached:.1f} | {fresh:.1f} | {loop:.1f} | "
-        f"{fresh / cached:.2f}× | {loop / fresh:.1f}× | {fresh_hooks} / {loop_hooks} | {same} |"
-    ]
+    stack_mib = stack.numel() * stack.element_size() / 2**20
+
+    def row() -> str:
+        with torch.no_grad():
+            mib = {case: peak_extra_mib(calls[case]) for case in ("fresh", "loop")}
+        return (
+            f"| {name} | {shape} ({stack_mib:.1f} MiB) | {ms['fresh']:.1f} | {ms['loop']:.1f} | "
+            f"{ms['loop'] / ms['fresh']:.2f}× | {ms['cached']:.1f} | {ms['fused']:.1f} | "
+            f"{mib['fresh']:.1f} / {mib['loop']:.1f} | {hooks['fresh']} / {hooks['loop']} | "
+            f"{same} | {fused_off:.1e} |"
+        )
+
+    return row
 
 
 def gpt2_small() -> object:
@@ -159,17 +216,20 @@ def main() -> None:
     batch, positions, repeats = (1, 32, 5) if args.quick else (4, 256, 15)
     tokens = torch.randint(0, 1000, (batch, positions))
     header = [
-        "| model | stack | cached (ms) | fresh (ms) | 4.3.0 loop (ms) | fresh / cached | "
-        "loop / fresh | hooks fired: fresh / loop | fresh = 4.3.0 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | stack | fresh (ms) | 4.3.0 loop (ms) | loop / fresh | cached (ms) | "
+        "fused (ms) | peak extra MiB: fresh / loop | hooks fired: fresh / loop | "
+        "fresh `torch.equal` 4.3.0 | fused − 4.3.0, max abs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    rows = []
-    model = gpt2_small()
-    rows += bench_model("GPT-2 small, raw", model, tokens, repeats)
-    model.enable_compatibility_mode()
-    rows += bench_model("GPT-2 small, compatibility mode", model, tokens, repeats)
-    del model
-    rows += bench_model("Llama-shaped RMSNorm, raw", llama_shaped(args.quick), tokens, repeats)
+    compatibility_mode = gpt2_small()
+    compatibility_mode.enable_compatibility_mode()
+    rows = [
+        bench_model("GPT-2 small, raw", gpt2_small(), tokens, repeats),
+        bench_model("GPT-2 small, compatibility mode", compatibility_mode, tokens, repeats),
+        bench_model("Llama-shaped RMSNorm, raw", llama_shaped(args.quick), tokens, repeats),
+    ]
+    return_freed_memory_at_once()
+    rows = [row() for row in rows]
     table = "\n".join(header + rows) + "\n"
     print(table)
     if args.quick:
@@ -180,10 +240,13 @@ def main() -> None:
         f"`apply_ln_to_stack` on the accumulated-residual stack of a random-init model with "
         f"batch {batch} × {positions} positions, float32, no grad.\n\n"
         f"Machine: {machine()}.\n\n{table}\n"
-        "cached = the fork's `recompute_ln=False`; fresh = the fork's `recompute_ln=True`; "
-        "4.3.0 loop = pristine 4.3.0's `apply_ln_to_stack(recompute_ln=True)`, loaded from the "
-        "release, which calls `ln_final` once per stack entry. Hooks fired = calls of hooks "
-        "registered on every hook point, per call of `apply_ln_to_stack`.\n\n"
+        "fresh = the fork's `recompute_ln=True`; 4.3.0 loop = pristine 4.3.0's "
+        "`apply_ln_to_stack(recompute_ln=True)`, loaded from the release, which calls `ln_final` "
+        "once per stack entry; cached = `recompute_ln=False`; fused = one `F.layer_norm` (or one "
+        "RMS expression) over the whole stack, the earlier version of this PR, which is not the "
+        "norm's own arithmetic (last column). Peak extra memory: the peak of what the call has "
+        "allocated and not freed, its output included (torch profiler's allocation events). Hooks fired = calls of hooks registered on every hook point, per "
+        "call.\n\n"
     )
     write_section(text)
     print(f"written to {RESULTS.relative_to(ROOT)}")
