@@ -167,6 +167,23 @@ def test_recompute_false_is_the_cached_scale_at_every_target(lens) -> None:
         assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("selector", [dict(top_k=5), dict(targets=[3, 9]), dict()])
+def test_logit_lens_tool_is_4_3_0_bit_for_bit(lens, selector, monkeypatch) -> None:
+    """The tool normalizes through apply_ln_to_stack: its values, entropy, ranks and top-k are
+    those of the same call with 4.3.0's loop put back in."""
+    model, cache = lens
+    ours = cache.logit_lens(positions=None, incl_mid=True, return_type="log_probs", **selector)
+
+    def apply_ln_to_stack_of_4_3_0(self, stack, *args, has_batch_dim=True, **kwargs):
+        return _loop_of_4_3_0(model.ln_final, stack, has_batch_dim)
+
+    monkeypatch.setattr(ActivationCache, "apply_ln_to_stack", apply_ln_to_stack_of_4_3_0)
+    theirs = cache.logit_lens(positions=None, incl_mid=True, return_type="log_probs", **selector)
+    for field in ("values", "entropy", "top_ids", "target_ranks"):
+        mine, reference = getattr(ours.readout, field), getattr(theirs.readout, field)
+        assert (mine is None and reference is None) or torch.equal(mine, reference), field
+
+
 def test_apply_ln_to_stack_with_batch_slice_and_a_stack_of_its_own(gpt2) -> None:
     model, cache = gpt2
     stack = torch.randn(4, *TOKENS.shape, D_MODEL, generator=torch.Generator().manual_seed(3))
