@@ -107,19 +107,20 @@ def description(pr: PullRequest, base: str, tree: Path, patches: list[Path]) -> 
         for i, (p, c) in enumerate(zip(patches, commits), 1)
     )
     size = f"{stat}; changed lines (added + removed) by category: {size_by_category(tree, base)}"
-    return (
-        template.replace("@SIZE@", size)
-        .replace("@BENCH@", benchmark_table())
-        .replace("@SERIES@", series)
-        .replace("@TITLE@", pr.title)
+    text = template.replace("@SIZE@", size).replace("@SERIES@", series).replace("@TITLE@", pr.title)
+    # @BENCH:<section>@ is that section of benchmarks/RESULTS.md; @BENCH@ the statistics one.
+    return re.sub(
+        r"@BENCH(?::([^@]+))?@",
+        lambda match: benchmark_table(match.group(1) or "Logit-lens statistics"),
+        text,
     )
 
 
-def benchmark_table() -> str:
-    """The statistics benchmark's tables from benchmarks/RESULTS.md, if it has been run."""
+def benchmark_table(section: str) -> str:
+    """A section of benchmarks/RESULTS.md without its bullet lines, if it has been run."""
     results = ROOT / "benchmarks" / "RESULTS.md"
     text = results.read_text() if results.exists() else ""
-    match = re.search(r"^## Logit-lens statistics\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
     if not match:
         return "(run `make bench` to fill this table)"
     return "\n".join(line for line in match.group(1).splitlines() if not line.startswith("- "))

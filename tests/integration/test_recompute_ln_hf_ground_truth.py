@@ -70,48 +70,26 @@ class _Arch:
     weight_offset: bool = False  # Gemma: the module scales by (1 + weight)
 
 
+SMALL = dict(vocab_size=D_VOCAB, num_hidden_layers=N_LAYERS, num_attention_heads=4)
+SMALL.update(intermediate_size=64, max_position_embeddings=16)
+
+
 def _gpt2() -> torch.nn.Module:
     cfg = GPT2Config(vocab_size=D_VOCAB, n_positions=16, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4)
     return GPT2LMHeadModel(cfg)
 
 
 def _neox() -> torch.nn.Module:
-    cfg = GPTNeoXConfig(
-        vocab_size=D_VOCAB,
-        hidden_size=D_MODEL,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
-    return GPTNeoXForCausalLM(cfg)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=D_MODEL, **SMALL))
 
 
 def _llama() -> torch.nn.Module:
-    cfg = LlamaConfig(
-        vocab_size=D_VOCAB,
-        hidden_size=D_MODEL,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=D_MODEL, num_key_value_heads=2, **SMALL))
 
 
 def _gemma() -> torch.nn.Module:
-    cfg = GemmaConfig(
-        vocab_size=D_VOCAB,
-        hidden_size=D_MODEL,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
-    return GemmaForCausalLM(cfg)
+    config = GemmaConfig(hidden_size=D_MODEL, num_key_value_heads=2, head_dim=8, **SMALL)
+    return GemmaForCausalLM(config)
 
 
 ARCHS: Dict[str, _Arch] = {
@@ -366,15 +344,6 @@ class TestHuggingFaceGroundTruth:
         keys.append("final")
         lens = case.cache.accumulated_resid(incl_mid=True, apply_ln=True, recompute_ln=True)
         _assert_close(case, lens, _hf_lens(case, "final", keys))
-
-    @pytest.mark.parametrize("case", CASES, indirect=True)
-    def test_parallel_blocks_have_no_resid_mid(self, case: _Case):
-        """NeoX's blocks read one input in parallel: ``mlp_input`` has nothing to stack."""
-        has_resid_mid = any(key.endswith("hook_resid_mid") for key in case.cache.keys())
-        assert has_resid_mid != case.arch.parallel
-        if case.arch.parallel:
-            with pytest.raises(ValueError, match="resid_mid"):
-                case.cache.accumulated_resid(layer=1, mlp_input=True, apply_ln=True)
 
     @pytest.mark.parametrize("case", [c for c in CASES if "float32-raw" in c.id], indirect=True)
     def test_cached_scale_is_far_off_at_early_layers(self, case: _Case):
