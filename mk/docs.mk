@@ -4,7 +4,7 @@
 # series add no warning to pristine's (tools/docs-warnings-4.3.0.txt) and that the logit-lens page
 # is built and in the toctree. Needs pandoc (Debian package) for upstream's notebooks.
 
-.PHONY: docs docs-baseline figures
+.PHONY: docs docs-baseline figures figures-check
 
 ## docs: build upstream's docs of the patched tree into build/docs/html; fail on any new warning
 docs: pr
@@ -18,3 +18,9 @@ docs-baseline: $(PRISTINE)/.git
 ## figures: redraw the docs page's figures from the reference model over held-out text
 figures: link
 	$(PY) tools/docs_figures.py
+
+## figures-check: redraw them into a temporary folder; the numbers must match the committed CSV
+# Compares logit_lens_stats.csv within an absolute 1e-3 in plotted units (see tools/docs_figures.py)
+# and that every committed SVG is redrawn; never the SVG bytes, which change with the CPU.
+figures-check: link
+	$(PY) tools/docs_figures.py --check
