@@ -103,13 +103,18 @@ def compare(committed_dir: Path, drawn_dir: Path, atol: float) -> list:
                 continue
             diff = abs(float(new) - float(old))
             if not diff <= atol:  # also catches nan
-                problems.append(f"{key} {column}: committed {old}, redrawn {new} (|diff| {diff:.2g})")
+                problems.append(
+                    f"{key} {column}: committed {old}, redrawn {new} (|diff| {diff:.2g})"
+                )
             if diff > worst[0] or worst[1] is None:
                 worst = (diff, f"{key[0]} {key[1]} {column}: committed {old}, redrawn {new}")
-    n_values = len(columns) * len([k for k in committed if k in drawn])
+    n_values = len([c for c in columns if c not in TEXT_COLUMNS]) * len(
+        [k for k in committed if k in drawn]
+    )
+    where = f" at {worst[1]}" if worst[0] > 0 else ": every number equal"
     print(
-        f"figures-check: {n_values} cells of {CSV_NAME} compared with atol {atol:g}; "
-        f"worst |diff| {worst[0]:.2g} ({worst[1]})"
+        f"figures-check: {n_values} numbers of {CSV_NAME} compared with atol {atol:g}; "
+        f"worst |diff| {worst[0]:.2g}{where}"
     )
     return problems
 
