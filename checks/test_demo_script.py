@@ -68,3 +68,71 @@ def test_importing_the_script_changes_no_environment() -> None:
         [sys.executable, "-c", code, str(SCRIPT.parent)], capture_output=True, text=True
     )
     assert result.stdout.strip() == "unchanged", result.stderr
+
+
+def run_script(*args: str, cwd: Path, env_extra: dict = {}, timeout: int = 60):
+    """The script as a user runs it: from ``cwd``, offline, with only the arguments given."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env_extra}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def test_help_imports_neither_torch_nor_transformers() -> None:
+    code = (
+        "import runpy, sys; sys.argv = [sys.argv[1], '--help']\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules]\n"
+        "assert not heavy, heavy\nprint('light')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(SCRIPT)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and result.stdout.strip().endswith("light"), result.stdout
+
+
+def test_default_hub_model_offline_is_one_line_naming_it_and_how_to_run_offline(
+    tmp_path: Path,
+) -> None:
+    empty_cache = tmp_path / "hf"  # so that a machine with gpt2 cached gives the same answer
+    result = run_script(
+        cwd=tmp_path, env_extra={"HF_HOME": str(empty_cache), "HF_HUB_CACHE": str(empty_cache)}
+    )
+    assert_one_line_error(result, "openai-community/gpt2", "--model", "HF_HUB_OFFLINE=1")
+    assert not (tmp_path / "logit_lens_output").exists(), "output folder created before loading"
+
+
+def test_model_that_fails_to_load_is_one_line_and_creates_no_folder(tmp_path: Path) -> None:
+    broken = tmp_path / "not_a_model"  # a folder, so the script really tries to load it
+    broken.mkdir()
+    out = tmp_path / "figures" / "nested"
+    result = run_script("--model", str(broken), "--out-dir", str(out), cwd=tmp_path)
+    assert_one_line_error(result, str(broken), "--model")
+    assert not (tmp_path / "figures").exists(), "output folder created before the model loaded"
+
+
+def test_missing_cuda_device_is_one_line_and_creates_no_folder(tmp_path: Path) -> None:
+    out = tmp_path / "figures"
+    result = run_script(
+        "--model", str(MODEL), "--device", "cuda", "--out-dir", str(out),
+        cwd=tmp_path, env_extra={"CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert_one_line_error(result, "--device cuda", "--device cpu")
+    assert not out.exists()

@@ -21,7 +21,11 @@ Examples::
         --windows 256 --window-len 64 --out-dir lens_figures
 
 ``--model`` takes a Hugging Face model name or a local directory in Hugging Face format. The
-script sets no environment variable; to run offline, set ``HF_HUB_OFFLINE=1`` yourself.
+script sets no environment variable; to run offline, set ``HF_HUB_OFFLINE=1`` yourself and pass a
+local directory (or a model already in the Hugging Face cache). A model that cannot be loaded, a
+device that is not there and bad arguments each give a one-line ``error:`` and exit status 2;
+nothing is written, and no output folder is created, before the model has loaded. ``--help``
+imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-import torch
+# torch (and transformers, through transformer_lens) are imported where they are used, so that
+# `--help` and argument errors answer at once.
+if TYPE_CHECKING:
+    import torch
 
 CONVENTIONS = {"fresh": True, "cached": False}  # convention -> recompute_ln
 CONVENTION_LABELS = {
@@ -51,6 +59,24 @@ LN2 = math.log(2.0)
 
 class UsageError(ValueError):
     """A command-line argument that cannot be used; the message says how to fix it."""
+
+
+class ModelLoadError(UsageError):
+    """The model named by ``--model`` could not be loaded; the message says how to run offline."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(
+            f"could not load the model {name!r} ({reason}); to run offline, pass --model DIR, a "
+            "local folder with a model in Hugging Face format (config.json, weights, tokenizer), "
+            "and set HF_HUB_OFFLINE=1"
+        )
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, shortened to ``limit`` characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -113,6 +139,8 @@ def lens_statistics(model, tokens: torch.Tensor, skip_first: int = 1) -> Dict[st
 
 def merge(parts: Sequence[Dict[str, LayerStats]]) -> Dict[str, LayerStats]:
     """Concatenates per-batch statistics along the window axis."""
+    import torch
+
     return {
         name: LayerStats(
             labels=parts[0][name].labels,
@@ -166,6 +194,8 @@ def tokenize_prompt(model, prompt: str) -> torch.Tensor:
 
 def text_windows(model, text: str, windows: int, window_len: int) -> torch.Tensor:
     """Non-overlapping windows of ``window_len`` tokens from a text, each starting with bos."""
+    import torch
+
     ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0]
     body = window_len - 1
     available = len(ids) // body
@@ -323,6 +353,66 @@ def validate_args(args: argparse.Namespace) -> None:
     out = args.out_dir
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} exists and is not a folder: pick another path")
+    # The folder is created only once the model has loaded (prepare_out_dir); here, only check
+    # that the nearest existing folder above it could hold it.
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {out} cannot be created in {parent}: pick another folder")
+
+
+def check_device(name: str) -> None:
+    """Refuses a device torch does not know or cannot see, before the model is loaded."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {name!r} is not a torch device: pass e.g. cpu or cuda"
+        ) from None
+    with warnings.catch_warnings():  # a driver warning would make the error two lines
+        warnings.simplefilter("ignore")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(
+                    f"--device {name} was asked for, but this torch ({torch.__version__}) sees no "
+                    "CUDA device: pass --device cpu, or install a CUDA build of torch"
+                )
+            count = torch.cuda.device_count()
+            if device.index is not None and device.index >= count:
+                raise UsageError(
+                    f"--device {name} was asked for, but torch sees {count} CUDA device(s): "
+                    f"pass --device cuda:0 to cuda:{count - 1}, or --device cpu"
+                )
+        elif device.type == "mps" and not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name} was asked for, but MPS is not available here")
+
+
+def check_model_available(name: str) -> None:
+    """Offline, refuses at once a Hub model that is not in the Hugging Face cache.
+
+    Saves importing transformers only to fail; loading itself still reports any other failure.
+    """
+    if Path(name).is_dir():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repository name either
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelLoadError(
+            name, "HF_HUB_OFFLINE is set and it is neither a folder nor in the Hugging Face cache"
+        )
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Creates the output folder and checks that it is writable; raises UsageError."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -346,12 +436,20 @@ def load_model(name: str, device: str):
 
 def run(args: argparse.Namespace) -> Dict[str, LayerStats]:
     validate_args(args)
+    check_device(args.device)
+    check_model_available(args.model)
+    import torch
+
     torch.set_grad_enabled(False)
-    model = load_model(args.model, args.device)
+    try:
+        model = load_model(args.model, args.device)
+    except Exception as e:  # any failure to load: one line, not a traceback
+        raise ModelLoadError(args.model, one_line(e)) from None
     if args.top_k > model.cfg.d_vocab:
         raise UsageError(f"--top-k {args.top_k} exceeds the vocabulary ({model.cfg.d_vocab})")
     if args.window_len > model.cfg.n_ctx:
         raise UsageError(f"--window-len {args.window_len} exceeds the context ({model.cfg.n_ctx})")
+    prepare_out_dir(args.out_dir)
     if args.text_file is not None:
         text = args.text_file.read_text(encoding="utf-8")
         tokens = text_windows(model, text, args.windows, args.window_len).to(args.device)
