@@ -54,7 +54,9 @@ def pristine_cache_class() -> type:
             check=True,
             cwd=ROOT,
         )
-    spec = importlib.util.spec_from_file_location("pristine_activation_cache", PRISTINE_CACHE_MODULE)
+    spec = importlib.util.spec_from_file_location(
+        "pristine_activation_cache", PRISTINE_CACHE_MODULE
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -24,6 +24,8 @@ from transformers import (
     LlamaForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    RecurrentGemmaConfig,
+    RecurrentGemmaForCausalLM,
 )
 
 from transformer_lens.ActivationCache import ActivationCache
@@ -357,6 +359,22 @@ class TestInvalidArguments:
         stack = cache.accumulated_resid(layer=1)  # its ln2 exists: a given stack can be its input
         actual = cache.apply_ln_to_stack(stack, layer=1, mlp_input=True, recompute_ln=True)
         assert torch.equal(actual, _loop_of_4_3_0(model.blocks[1].ln2, stack))
+
+    def test_resid_mid_is_probed_in_the_cache_not_the_config(self) -> None:
+        """RecurrentGemma's config says neither parallel nor attention-only, and it has no
+        resid_mid (4.3.0 and the earlier config-based check: KeyError 'blocks.0.hook_resid_mid')."""
+        config = RecurrentGemmaConfig(
+            hidden_size=D_MODEL, lru_width=D_MODEL, head_dim=8, num_key_value_heads=1, **SMALL
+        )
+        model = build_bridge_from_module(
+            RecurrentGemmaForCausalLM(config).eval(), "RecurrentGemmaForCausalLM", hf_config=config
+        )
+        _, cache = model.run_with_cache(TOKENS)
+        assert not model.cfg.parallel_attn_mlp and not model.cfg.attn_only
+        with pytest.raises(
+            ValueError, match="'blocks.0.hook_resid_mid', which this model does not"
+        ):
+            cache.accumulated_resid(incl_mid=True, apply_ln=True)
 
     @pytest.mark.parametrize("recompute_ln", RECOMPUTE)
     def test_missing_norm_offers_only_what_works(self, recompute_ln: Optional[bool]) -> None:
