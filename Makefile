@@ -24,13 +24,9 @@ DOCTESTS := transformer_lens/model_bridge/generalized_components/normalization.p
 # Python files the series add, and the library files they edit.
 ADDED_PY = $(filter tests/% demos/% transformer_lens/%,$(shell git ls-files --cached --others --exclude-standard -- '*.py'))
 EDITED_LIBRARY_FILES = $(shell cd $(FORK) && git diff --name-only upstream HEAD --diff-filter=M -- 'transformer_lens/*.py')
-# Upstream's tests of the code the pull requests touch: the cache, the norms, the logit-lens tool.
-UPSTREAM_TESTS := tests/unit/test_activation_cache.py tests/unit/test_activation_cache_batch_dim.py \
-	tests/unit/model_bridge/test_mixed_norm_decomposition.py \
-	tests/unit/model_bridge/generalized_components/test_normalization_bridge.py \
-	tests/unit/model_bridge/generalized_components/test_normalization_hook_semantics.py \
-	tests/unit/model_bridge/generalized_components/test_layernorm_weight_offset.py \
-	tests/unit/tools/test_logit_lens.py tests/integration/test_logit_lens.py
+# Upstream's tests of the code the pull requests touch (the cache, the norms, the logit-lens tool),
+# as the manifest lists them.
+UPSTREAM_TESTS = $(shell python3 tools/pull_requests.py upstream-tests)
 
 .PHONY: setup venv fork link example test lint format patches patches-check upstream-compare \
 	upstream-compare-full backport-check constraints clean
@@ -80,7 +76,7 @@ format:
 	$(PY) -m isort --settings-path $(FORK) $(ADDED_PY)
 	for file in $(ADDED_PY); do $(PY) -m black --config $(FORK)/pyproject.toml $$file; done
 
-## patches: regenerate patches/pr1 and patches/pr2 from the edits committed in build/fork
+## patches: regenerate patches/<pr> (tools/pull_requests.py) from the edits committed in build/fork
 patches:
 	PYTHON=$(PY) tools/fork.sh patches
 

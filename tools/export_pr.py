@@ -58,7 +58,9 @@ def patch_of(pr: PullRequest, path: str) -> Path:
     for patch in sorted((ROOT / "patches" / pr.name).glob("*.patch")):
         if re.search(rf"^diff --git a/{re.escape(path)} b/", patch.read_text(), re.M):
             return patch
-    raise SystemExit(f"{pr.name} lists an edit of {path}, but patches/{pr.name}/ has no patch of it")
+    raise SystemExit(
+        f"{pr.name} lists an edit of {path}, but patches/{pr.name}/ has no patch of it"
+    )
 
 
 def commit_one(tree: Path, pr: PullRequest, commit: Commit) -> None:
@@ -176,6 +178,27 @@ def check(python: str) -> int:
     pristine_tree = ROOT / "build" / "pristine"
     if not (pristine_tree / ".git").exists():
         pristine(pristine_tree)
+    # Upstream's tests of every PR, once on pristine 4.3.0; each PR is compared on its own files.
+    union = sorted({path for pr in PULL_REQUESTS for path in pr.upstream_tests})
+    pristine_report = ROOT / "build" / "pr-check" / "pristine.xml"
+    pristine_report.parent.mkdir(parents=True, exist_ok=True)
+    run(
+        python,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--continue-on-collection-errors",
+        "--junitxml",
+        str(pristine_report),
+        "-m",
+        "not slow",
+        *union,
+        cwd=pristine_tree,
+        check=False,
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
     status = 0
     applied: list[str] = []
     for pr in PULL_REQUESTS:
@@ -197,21 +220,27 @@ def check(python: str) -> int:
         ).stdout.strip()
         tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "(no output)"
         # Upstream's tests, against their outcomes on pristine 4.3.0 (some fail there already).
-        compare = run(
-            python,
-            str(ROOT / "tools" / "compare_suites.py"),
-            "--pristine",
-            str(pristine_tree),
-            "--fork",
-            str(tree),
-            "--report-dir",
-            str(ROOT / "build" / "pr-check" / pr.name),
-            "-m",
-            "not slow",
-            *pr.upstream_tests,
-            cwd=ROOT,
-            check=False,
-        )
+        compare = subprocess.CompletedProcess([], 0, "no library code touched: not run", "")
+        if pr.upstream_tests:
+            report_dir = ROOT / "build" / "pr-check" / pr.name
+            report_dir.mkdir(parents=True, exist_ok=True)
+            (report_dir / "pristine.xml").write_bytes(pristine_report.read_bytes())
+            compare = run(
+                python,
+                str(ROOT / "tools" / "compare_suites.py"),
+                "--pristine",
+                str(pristine_tree),
+                "--fork",
+                str(tree),
+                "--report-dir",
+                str(report_dir),
+                "--reuse-pristine",
+                "-m",
+                "not slow",
+                *pr.upstream_tests,
+                cwd=ROOT,
+                check=False,
+            )
         deselected = (
             f"Deselected: {', '.join(acceptance)}. They load pretrained weights from the Hub, "
             "which upstream's CI caches and this offline check cannot reach.\n\n"

@@ -11,7 +11,9 @@ of each is `patches/<pr>/`, written by `make patches`, with its message kept in 
 files this repository adds at upstream paths (`adds`), or both. A commit with `adds` and no
 `edits` takes its message from here; one with `edits` only takes each patch's own message.
 
-Usage: tools/pull_requests.py patch-dirs   (prints patches/<name> of every PR, in order)
+Usage:
+    tools/pull_requests.py patch-dirs       patches/<name> of every PR, in order (tools/fork.sh)
+    tools/pull_requests.py upstream-tests   upstream's tests of the code the PRs touch (Makefile)
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ UPSTREAM_CACHE_AND_NORM_TESTS = (
     "tests/unit/model_bridge/generalized_components/test_normalization_hook_semantics.py",
     "tests/unit/model_bridge/generalized_components/test_layernorm_weight_offset.py",
 )
-UPSTREAM_LOGIT_LENS_TESTS = ("tests/unit/tools/test_logit_lens.py", "tests/integration/test_logit_lens.py")
+UPSTREAM_LOGIT_LENS_TESTS = (
+    "tests/unit/tools/test_logit_lens.py",
+    "tests/integration/test_logit_lens.py",
+)
 
 PULL_REQUESTS = (
     PullRequest(
@@ -114,7 +119,7 @@ PULL_REQUESTS = (
                 adds=("demos/Logit_Lens_Demo.ipynb", "demos/logit_lens_demo.py"),
             ),
         ),
-        UPSTREAM_CACHE_AND_NORM_TESTS,
+        # No library code: upstream's tests cannot change; its docs build is `make docs`.
     ),
     PullRequest(
         "pr3",
@@ -149,5 +154,7 @@ def pull_request_editing(path: str) -> PullRequest:
 if __name__ == "__main__":
     if sys.argv[1:] == ["patch-dirs"]:
         print("\n".join(f"patches/{pr.name}" for pr in PULL_REQUESTS))
+    elif sys.argv[1:] == ["upstream-tests"]:
+        print("\n".join(sorted({path for pr in PULL_REQUESTS for path in pr.upstream_tests})))
     else:
         raise SystemExit(__doc__)

@@ -83,7 +83,9 @@ def main(fork: Path, patches: Path) -> None:
         out = patches / pr.name
         out.mkdir(parents=True, exist_ok=True)
         order = [path for path in pr.edits if path in edited]
-        tip = commit_files(fork, git(fork, "rev-parse", base).strip(), order, existing_messages(out))
+        tip = commit_files(
+            fork, git(fork, "rev-parse", base).strip(), order, existing_messages(out)
+        )
         for old in out.glob("*.patch"):
             old.unlink()
         if order:
