@@ -390,27 +390,6 @@ def check_device(name: str) -> None:
             raise UsageError(f"--device {name} was asked for, but MPS is not available here")
 
 
-def check_model_available(name: str) -> None:
-    """Offline, refuses at once a Hub model that is not in the Hugging Face cache.
-
-    Saves importing transformers only to fail; loading itself still reports any other failure.
-    """
-    if Path(name).is_dir():
-        return
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if not constants.HF_HUB_OFFLINE:
-        return
-    try:
-        cached = try_to_load_from_cache(name, "config.json")
-    except Exception:  # not a valid repository name either
-        cached = None
-    if not isinstance(cached, str):
-        raise ModelLoadError(
-            name, "HF_HUB_OFFLINE is set and it is neither a folder nor in the Hugging Face cache"
-        )
-
-
 def prepare_out_dir(out: Path) -> None:
     """Creates the output folder and checks that it is writable; raises UsageError."""
     try:
@@ -437,7 +416,6 @@ def load_model(name: str, device: str):
 def run(args: argparse.Namespace) -> Dict[str, LayerStats]:
     validate_args(args)
     check_device(args.device)
-    check_model_available(args.model)
     import torch
 
     torch.set_grad_enabled(False)
