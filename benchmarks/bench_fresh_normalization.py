@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib.util
+import os
 import platform
 import re
 import statistics
@@ -188,8 +189,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     return (
-        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"{cpu}, {os.cpu_count()} cores, load average {load} at the start (other work shares the "
+        f"cores); {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
         f"Python {platform.python_version()}"
     )
 
