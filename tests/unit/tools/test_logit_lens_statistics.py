@@ -5,6 +5,7 @@ Every statistic is checked against the naive computation, ``log_softmax`` of the
 """
 
 import math
+from typing import List
 
 import pytest
 import torch
@@ -389,3 +390,26 @@ def test_bad_arguments_say_what_to_pass(gpt2):
     with pytest.raises(ValueError, match="at most the 3 leading dims"):
         logit_readout(gpt2, stack, apply_ln=False, reference=stack[None])
     assert math.isfinite(float(logit_lens(cache, statistics_only=True).readout.entropy.sum()))
+
+
+def test_no_hook_fires_in_the_tool() -> None:
+    """The tool reads ln_final through normalize_without_hooks everywhere, the readout check and
+    logit_readout(apply_ln=True) included, so a hook left on the model neither fires nor counts."""
+    model = _gpt2()
+    _, cache = model.run_with_cache(TOKENS)
+    calls: List[str] = []
+    for hook_point in model.hook_dict.values():
+        hook_point.add_hook(lambda tensor, hook: calls.append(hook.name))
+    try:
+        model(TOKENS)
+        one_run = sorted(calls)
+        calls.clear()
+        logit_lens(model, TOKENS, targets=[3], top_k=3)  # runs the model once, then reads it out
+        assert sorted(calls) == one_run
+        calls.clear()
+        logit_lens(model, cache=cache, targets=[3], top_k=3)
+        logit_lens(model, cache=cache, statistics_only=True)
+        logit_readout(model, cache["blocks.1.hook_resid_post"], apply_ln=True, top_k=3)
+    finally:
+        model.reset_hooks()
+    assert calls == []
