@@ -1,14 +1,19 @@
 # Docs: upstream's own build (docs/make_docs.py's steps: copy the demos, generate the bridge-models
-# page, Sphinx with upstream's conf.py) on the exported tree, pristine 4.3.0 + both series. Pristine
+# page, Sphinx with upstream's conf.py) on the exported tree, pristine 4.3.0 + every series. Pristine
 # 4.3.0 itself does not build with -W (its generated API pages warn), so the check is that the
 # series add no warning to pristine's (tools/docs-warnings-4.3.0.txt) and that the logit-lens page
 # is built and in the toctree. Needs pandoc (Debian package) for upstream's notebooks.
 
-.PHONY: docs docs-baseline figures figures-check
+.PHONY: docs docs-exported docs-baseline figures figures-check
 
 ## docs: build upstream's docs of the patched tree into build/docs/html; fail on any new warning
-docs: pr
-	$(PY) tools/docs_check.py --tree build/pr/series --out build/docs
+docs: pr docs-exported
+
+## docs-exported: the same on the tree the last `make pr` exported, copied first so that a later
+## `make pr` cannot change it midway (.ci/run builds the docs beside its other steps)
+docs-exported:
+	rm -rf build/docs-tree && cp -a build/pr/series build/docs-tree
+	$(PY) tools/docs_check.py --tree build/docs-tree --out build/docs
 
 ## docs-baseline: record pristine 4.3.0's warnings (once per upstream release)
 docs-baseline: $(PRISTINE)/.git
