@@ -337,6 +337,7 @@ def test_readout_reference_as_an_entry_or_a_separate_tensor(gpt2):
         assert logit_readout(gpt2, stack, apply_ln=False).kl_to_final is None
 
 
+@pytest.mark.slow  # about 17 s: a profiled run over a 50,257-token vocabulary
 def test_statistics_only_holds_one_chunk_of_logits():
     """No allocation reaches [rows, d_vocab]: the largest is one [rows, vocab_chunk] buffer."""
     torch.manual_seed(0)
