@@ -64,16 +64,31 @@ series_patches() {
     done
 }
 
-# The tree that pristine + patches/ gives, written to the fork's object store.
+# The tree that pristine + patches/ gives (up to and including PR $1, default all), written to the
+# fork's object store.
 expected_tree() {
-    local index
+    local index dir patch
     index=$(mktemp)
     GIT_INDEX_FILE=$index fgit read-tree upstream
-    for patch in $(series_patches); do
-        GIT_INDEX_FILE=$index fgit apply --cached "$ROOT/$patch"
+    for dir in $(python3 tools/pull_requests.py patch-dirs); do
+        for patch in $(ls "$dir"/*.patch 2>/dev/null || true); do
+            GIT_INDEX_FILE=$index fgit apply --cached "$ROOT/$patch"
+        done
+        [ "$dir" != "patches/${1:-}" ] || break
     done
     GIT_INDEX_FILE=$index fgit write-tree
     rm -f "$index"
+}
+
+# Files that stacked PRs both edit, where tag pr/<name> (an earlier PR's version) differs from
+# pristine + patches/ up to that PR.
+unexported_stage_edits() {
+    local name path tree
+    python3 tools/pull_requests.py shared-edits | while read -r name path; do
+        fgit rev-parse --verify --quiet "pr/$name" >/dev/null || { echo "$path (no tag pr/$name)"; continue; }
+        tree=$(expected_tree "$name")
+        fgit diff --quiet "$tree" "pr/$name" -- "$path" || echo "$path (at pr/$name)"
+    done
 }
 
 # Files in build/fork whose content differs from pristine + patches/, or that nothing tracks.
@@ -87,11 +102,12 @@ unexported_edits() {
 patches_check() {
     [ -d "$FORK/.git" ] || { echo "no $FORK yet: nothing to check"; return 0; }
     local edits
-    edits=$(unexported_edits)
+    edits=$(unexported_edits; unexported_stage_edits)
     if [ -n "$edits" ]; then
         echo "build/fork holds edits that patches/ lacks:" >&2
-        printf '  %s\n' $edits >&2
-        echo "Commit them in build/fork and run 'make patches' (edits to upstream files), or" \
+        printf '%s\n' "$edits" | sed 's/^/  /' >&2
+        echo "Commit them in build/fork and run 'make patches' (edits to upstream files; an" \
+            "earlier PR's version of a file a later PR edits too is read at tag pr/<name>), or" \
             "move new files into this repository at their upstream path." >&2
         return 1
     fi
@@ -138,8 +154,13 @@ fork() {
         die "refusing to rebuild $FORK: run 'make patches' first, or delete $FORK to discard"
     fi
     pristine "$FORK"
-    for patch in $(series_patches); do
-        fgit am --quiet --committer-date-is-author-date "$ROOT/$patch"
+    local dir patch
+    for dir in $(python3 tools/pull_requests.py patch-dirs); do
+        for patch in $(ls "$dir"/*.patch 2>/dev/null || true); do
+            fgit am --quiet --committer-date-is-author-date "$ROOT/$patch"
+        done
+        # Where stacked PRs edit the same file, tools/series.py reads the earlier PR's version here.
+        fgit tag -f "pr/$(basename "$dir")" >/dev/null
     done
     link_added_files
     fgit add --all

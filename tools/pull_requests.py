@@ -9,11 +9,15 @@ the upstream tests it is checked against). Each PR is stacked on the ones before
 A PR is a series of commits. A commit carries the edits of some upstream files (`edits`: the patch
 of each is `patches/<pr>/`, written by `make patches`, with its message kept in the patch) and the
 files this repository adds at upstream paths (`adds`), or both. A commit with `adds` and no
-`edits` takes its message from here; one with `edits` only takes each patch's own message.
+`edits` takes its message from here; one with `edits` only takes each patch's own message. Stacked
+PRs may edit the same upstream file, each patch being the change from the PR before; which
+version of the file each PR gets is said in tools/series.py.
 
 Usage:
     tools/pull_requests.py patch-dirs       patches/<name> of every PR, in order (tools/fork.sh)
     tools/pull_requests.py upstream-tests   upstream's tests of the code the PRs touch (Makefile)
+    tools/pull_requests.py shared-edits     `<pr> <file>` for each PR that edits a file a later PR
+                                            edits too (tools/fork.sh patches-check)
 """
 
 from __future__ import annotations
@@ -106,29 +110,36 @@ PULL_REQUESTS = (
                 edits=("docs/source/index.md",),
                 adds=(
                     "docs/source/content/logit_lens.md",
-                    "docs/source/_static/logit_lens/entropy_per_layer.svg",
-                    "docs/source/_static/logit_lens/kl_to_final_per_layer.svg",
-                    "docs/source/_static/logit_lens/temperature_per_layer.svg",
                     "tests/unit/test_logit_lens_docs_page.py",
                 ),
-            ),
-            Commit(
-                "Demo: the logit lens with fresh normalization, notebook and script\n\n"
-                "The notebook is committed with outputs for nbval; the script averages the lens\n"
-                "over many windows of a text file and draws the docs page's figures.",
-                adds=("demos/Logit_Lens_Demo.ipynb", "demos/logit_lens_demo.py"),
             ),
         ),
         # No library code: upstream's tests cannot change; its docs build is `make docs`.
     ),
     PullRequest(
         "pr3",
-        "Logit lens: KL to the final layer, target probability, bounded memory",
+        "Logit lens: KL to the final layer and target probabilities",
         (
             Commit(edits=("transformer_lens/tools/analysis/logit_lens.py",)),
             Commit(edits=("docs/source/content/analysis_tools.md",)),
             Commit(
-                "Test the logit-lens statistics against the naive full computation\n\n"
+                "Test KL to the final layer and target probabilities against log_softmax\n\n"
+                "The naive full computation is the reference; calls without the new options\n"
+                "are checked against the same call with kl_to_final left off, and no\n"
+                "unembedding matmul may take more than chunk_size rows.",
+                adds=("tests/unit/tools/test_logit_lens_kl_to_final.py",),
+            ),
+        ),
+        UPSTREAM_LOGIT_LENS_TESTS,
+    ),
+    PullRequest(
+        "pr4",
+        "Logit lens: statistics_only, the vocabulary streamed in bounded memory",
+        (
+            Commit(edits=("transformer_lens/tools/analysis/logit_lens.py",)),
+            Commit(edits=("docs/source/content/analysis_tools.md",)),
+            Commit(
+                "Test statistics_only against the naive full computation\n\n"
                 "log_softmax of the materialized logits is the reference: soft-capped and\n"
                 "bfloat16 models, odd chunk sizes, a vocabulary not divisible by the chunk.",
                 adds=("tests/unit/tools/test_logit_lens_statistics.py",),
@@ -139,21 +150,26 @@ PULL_REQUESTS = (
 )
 
 
-def pull_request_editing(path: str) -> PullRequest:
-    """The PR whose series carries the edit of upstream file `path`."""
+def pull_requests_editing(path: str) -> list[PullRequest]:
+    """The PRs whose series edit upstream file `path`, in stacking order."""
     owners = [pr for pr in PULL_REQUESTS if path in pr.edits]
-    if len(owners) != 1:
-        where = ", ".join(pr.name for pr in owners) or "no pull request"
+    if not owners or any(pr.edits.count(path) > 1 for pr in owners):
         raise SystemExit(
-            f"{path} is edited in build/fork, and {where} in tools/pull_requests.py lists it: "
-            "list each edited upstream file in the `edits` of exactly one commit."
+            f"{path} is edited in build/fork, and tools/pull_requests.py lists it "
+            f"{'in no pull request' if not owners else 'twice in one pull request'}: list each "
+            "edited upstream file in the `edits` of one commit of each PR that changes it."
         )
-    return owners[0]
+    return owners
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["patch-dirs"]:
         print("\n".join(f"patches/{pr.name}" for pr in PULL_REQUESTS))
+    elif sys.argv[1:] == ["shared-edits"]:
+        for pr in PULL_REQUESTS:
+            for path in pr.edits:
+                if pull_requests_editing(path)[-1] is not pr:
+                    print(pr.name, path)
     elif sys.argv[1:] == ["upstream-tests"]:
         print("\n".join(sorted({path for pr in PULL_REQUESTS for path in pr.upstream_tests})))
     else:

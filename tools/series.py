@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Writes patches/ from build/fork: one `git am` patch per edited upstream file, grouped by PR.
 
-Each pull request edits its own upstream files, as the manifest (tools/pull_requests.py) lists
-them, so the series of each is one commit per file, in the manifest's order. A patch keeps the
-commit message it already has in patches/ (edit the message in the patch file itself); a new one
-gets a placeholder message to rewrite. An edited file the manifest does not list, or lists twice,
-stops the export. Dates and identity are fixed, so the same edits give the same bytes.
+The series of each pull request is one commit per upstream file it edits, in the order the
+manifest (tools/pull_requests.py) lists them. A file edited by several stacked PRs has one version
+per PR: the last PR that edits it takes HEAD's content, every earlier one the content at tag
+`pr/<name>` in build/fork (tools/fork.sh sets the tags as it applies each PR's patches; move a tag
+to change that PR's version). A patch keeps the commit message it already has in patches/ (edit
+the message in the patch file itself); a new one gets a placeholder message to rewrite. An edited
+file the manifest does not list stops the export. Dates and identity are fixed, so the same edits
+give the same bytes.
 
 Usage: tools/series.py build/fork patches
 """
@@ -20,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pull_requests import PULL_REQUESTS, pull_request_editing  # noqa: E402
+from pull_requests import PULL_REQUESTS, PullRequest, pull_requests_editing  # noqa: E402
 
 ENV = {
     "GIT_AUTHOR_NAME": "transformer-lens fork build",
@@ -60,13 +63,36 @@ def existing_messages(patch_dir: Path) -> dict[str, str]:
     return found
 
 
-def commit_files(fork: Path, parent: str, files: list[str], messages: dict[str, str]) -> str:
-    """Chain one commit per file on top of parent, each taking the file's content at HEAD."""
+def version_of(fork: Path, pr: PullRequest, path: str) -> str:
+    """The ref holding `pr`'s version of `path`: HEAD, unless a later PR edits the file too."""
+    if pull_requests_editing(path)[-1] is pr:
+        return "HEAD"
+    tag = f"pr/{pr.name}"
+    if subprocess.run(["git", "-C", str(fork), "rev-parse", "--verify", "--quiet", tag],
+                      capture_output=True).returncode != 0:
+        raise SystemExit(
+            f"{path} is edited by {', '.join(p.name for p in pull_requests_editing(path))}: "
+            f"{pr.name}'s version is read from tag {tag} in build/fork, which does not exist. "
+            "Rebuild the fork (`make fork`) or tag the commit that holds that version."
+        )
+    return tag
+
+
+def commit_files(
+    fork: Path, parent: str, pr: PullRequest, files: list[str], messages: dict[str, str]
+) -> str:
+    """Chain one commit per file on top of parent, each taking `pr`'s version of the file."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
         git(fork, "read-tree", parent, env=env)
         for path in files:
-            entry = git(fork, "ls-tree", "HEAD", "--", path).split()
+            entry = git(fork, "ls-tree", version_of(fork, pr, path), "--", path).split()
+            before = git(fork, "ls-tree", parent, "--", path).split()
+            if before and before[2] == entry[2]:
+                raise SystemExit(
+                    f"{pr.name} lists {path} in its edits, but its version ({version_of(fork, pr, path)}) "
+                    "is the same as the PR before it: drop it from the manifest or edit it."
+                )
             git(fork, "update-index", "--cacheinfo", f"{entry[0]},{entry[2]},{path}", env=env)
             tree = git(fork, "write-tree", env=env).strip()
             message = messages.get(path, f"Update {path}\n\nDescribe this change.\n")
@@ -77,14 +103,14 @@ def commit_files(fork: Path, parent: str, files: list[str], messages: dict[str, 
 def main(fork: Path, patches: Path) -> None:
     edited = git(fork, "diff", "--name-only", "upstream", "HEAD", "--diff-filter=M").split()
     for path in edited:
-        pull_request_editing(path)
+        pull_requests_editing(path)
     base = "upstream"
     for pr in PULL_REQUESTS:
         out = patches / pr.name
         out.mkdir(parents=True, exist_ok=True)
         order = [path for path in pr.edits if path in edited]
         tip = commit_files(
-            fork, git(fork, "rev-parse", base).strip(), order, existing_messages(out)
+            fork, git(fork, "rev-parse", base).strip(), pr, order, existing_messages(out)
         )
         for old in out.glob("*.patch"):
             old.unlink()
