@@ -1,4 +1,4 @@
-# Builds and checks the fork of TransformerLens 4.3.0 that carries the two logit-lens pull requests.
+# Builds and checks the fork of TransformerLens 4.3.0 that carries the logit-lens pull requests.
 # The two commands a new user runs are `make setup` and `make test` (see README.md).
 
 PYTHON_BOOTSTRAP ?= python3
@@ -63,7 +63,7 @@ test: link
 	$(PY) -m pytest -p no:cacheprovider checks
 
 ## lint: upstream's `make check-format` (pycln, isort, black with its config) on the exported
-## tree (pristine 4.3.0 + both series, real files), then mypy on the library files the series edit
+## tree (pristine 4.3.0 + every series, real files), then mypy on the library files the series edit
 lint: pr
 	cd build/pr/series && $(abspath $(PY)) -m pycln --check --all . --exclude "__init__.py"
 	cd build/pr/series && $(abspath $(PY)) -m isort --check-only .
