@@ -1,7 +1,10 @@
 """Runs the recipes of docs/source/content/logit_lens.md and checks their printed output.
 
 The page's ``python`` blocks that hold ``>>>`` examples run in order in one namespace, as one
-doctest, on a small GPT-2 bridge built from a config (no download).
+doctest, on a small GPT-2 bridge built from a config (no download). The page's first recipe (the
+lens and its logits) is also run, as the page writes it, on a soft-capped Gemma-2 and on a Granite
+with ``logits_scaling``, both built from configs: its last row must give the model's own
+log-probabilities there too.
 """
 
 import doctest
@@ -13,11 +16,24 @@ import torch
 
 PAGE = Path(__file__).parents[2] / "docs" / "source" / "content" / "logit_lens.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# The first recipe: the statements of the page that assign these names, in the page's order.
+FIRST_RECIPE = ("lens, labels = ", "lens_logits = ")
+# float32 log-probabilities of a 64-token vocabulary; the lens and the model run the same
+# arithmetic, so they agree to rounding (observed: exactly); a missing output transform is off by
+# more than 1 nat on both models below.
+LOG_PROB_ATOL = 1e-5
 
 
 def page_examples() -> str:
     blocks = [b for b in BLOCK.findall(PAGE.read_text(encoding="utf-8")) if ">>>" in b]
     return "\n".join(blocks)
+
+
+def first_recipe() -> str:
+    examples = doctest.DocTestParser().get_examples(page_examples())
+    sources = [e.source for e in examples if e.source.startswith(FIRST_RECIPE)]
+    assert [s.split("=")[0] for s in sources] == [p.split("=")[0] for p in FIRST_RECIPE], sources
+    return "".join(sources)
 
 
 def test_page_has_recipes():
@@ -38,3 +54,53 @@ def test_page_recipes_run_with_the_printed_output():
         torch.set_grad_enabled(grad_enabled)
     if runner.failures:
         pytest.fail("".join(failures), pytrace=False)
+
+
+def gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    # A soft cap of 3 rather than Gemma-2's 30, so that these small random logits reach it.
+    config = Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+        final_logit_softcapping=3.0, attn_logit_softcapping=50.0, sliding_window=16,
+    )  # fmt: skip
+    return config, Gemma2ForCausalLM, "Gemma2ForCausalLM"
+
+
+def granite():
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        logits_scaling=8.0,
+    )  # fmt: skip
+    return config, GraniteForCausalLM, "GraniteForCausalLM"
+
+
+@pytest.mark.parametrize("compatibility_mode", [False, True], ids=["raw", "compatibility"])
+@pytest.mark.parametrize("make", [gemma2, granite], ids=["gemma2-softcap", "granite-scaling"])
+def test_first_recipe_gives_the_models_log_probs_with_an_output_transform(make, compatibility_mode):
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    config, hf_class, architecture = make()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        hf_model = hf_class(config).eval()
+        for weight in hf_model.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0.0, 0.5)  # logits large enough for the transform to matter
+        model = build_bridge_from_module(hf_model, architecture, hf_config=config)
+        if compatibility_mode:
+            model.enable_compatibility_mode(disable_warnings=True)
+        logits, cache = model.run_with_cache(torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]]))
+        namespace = {"torch": torch, "model": model, "cache": cache}
+        exec(first_recipe(), namespace)
+        lens, lens_logits = namespace["lens"], namespace["lens_logits"]
+        expected = logits.log_softmax(-1)
+        got = lens_logits[-1].log_softmax(-1)
+        assert torch.allclose(got, expected, atol=LOG_PROB_ATOL), (got - expected).abs().max()
+        # The transform is what makes it right: without it the last row is off.
+        untransformed = (lens[-1] @ model.W_U + model.b_U).log_softmax(-1)
+        assert (untransformed - expected).abs().max() > 1.0
