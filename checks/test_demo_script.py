@@ -1,6 +1,6 @@
 """The command-line demo script: bad arguments get clear messages, the caller's environment stays.
 
-Repository-only: it runs ``demos/logit_lens_demo.py`` on the shipped reference model.
+Repository-only: it runs ``examples/logit_lens_demo.py`` on the shipped reference model.
 """
 
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "demos" / "logit_lens_demo.py"
+SCRIPT = ROOT / "examples" / "logit_lens_demo.py"
 MODEL = ROOT / "reference_model" / "weights"
 
 
@@ -108,13 +108,24 @@ def test_help_imports_neither_torch_nor_transformers() -> None:
     assert "usage:" in result.stdout and result.stdout.strip().endswith("light"), result.stdout
 
 
-def test_default_hub_model_offline_is_one_line_naming_it_and_how_to_run_offline(
-    tmp_path: Path,
-) -> None:
-    empty_cache = tmp_path / "hf"  # so that a machine with gpt2 cached gives the same answer
+def test_default_run_uses_the_shipped_model_offline(tmp_path: Path) -> None:
+    empty_cache = tmp_path / "hf"  # nothing from the Hub, even if this machine has it cached
     result = run_script(
         cwd=tmp_path, env_extra={"HF_HOME": str(empty_cache), "HF_HUB_CACHE": str(empty_cache)}
     )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "prompt 'Return the list of'" in result.stdout, result.stdout
+    written = sorted(p.name for p in (tmp_path / "logit_lens_output").iterdir())
+    assert "logit_lens_stats.csv" in written and "entropy_per_layer.svg" in written, written
+
+
+def test_hub_model_offline_is_one_line_naming_it_and_how_to_run_offline(tmp_path: Path) -> None:
+    empty_cache = tmp_path / "hf"  # so that a machine with gpt2 cached gives the same answer
+    result = run_script(
+        "--model", "openai-community/gpt2",
+        cwd=tmp_path, env_extra={"HF_HOME": str(empty_cache), "HF_HUB_CACHE": str(empty_cache)},
+    )  # fmt: skip
     assert_one_line_error(result, "openai-community/gpt2", "--model", "HF_HUB_OFFLINE=1")
     assert not (tmp_path / "logit_lens_output").exists(), "output folder created before loading"
 

@@ -14,15 +14,17 @@ layer's distribution and the temperature, averaged over the positions of each wi
 summarized over windows (mean and 10th-90th percentile), and writes three SVG figures and a CSV
 table to ``--out-dir``.
 
-Examples::
+Repository-only (not part of the pull requests). Examples, from the repository root::
 
-    python logit_lens_demo.py --prompt "The Eiffel Tower is in the city of"
-    python logit_lens_demo.py --model path/to/local/model --text-file held_out.txt \\
-        --windows 256 --window-len 64 --out-dir lens_figures
+    .venv/bin/python examples/logit_lens_demo.py                # the shipped reference model
+    .venv/bin/python examples/logit_lens_demo.py --prompt "Return the number of"
+    .venv/bin/python examples/logit_lens_demo.py --model openai-community/gpt2 \\
+        --text-file held_out.txt --windows 256 --window-len 64 --out-dir lens_figures
 
-``--model`` takes a Hugging Face model name or a local directory in Hugging Face format. The
-script sets no environment variable; to run offline, set ``HF_HUB_OFFLINE=1`` yourself and pass a
-local directory (or a model already in the Hugging Face cache). A model that cannot be loaded, a
+``--model`` takes a local directory in Hugging Face format (default: the reference model shipped
+in ``reference_model/weights``, which needs no network) or a Hugging Face model name. The script
+sets no environment variable; to run offline, set ``HF_HUB_OFFLINE=1`` yourself and pass a local
+directory (or a model already in the Hugging Face cache). A model that cannot be loaded, a
 device that is not there and bad arguments each give a one-line ``error:`` and exit status 2;
 nothing is written, and no output folder is created, before the model has loaded. ``--help``
 imports neither torch nor transformers.
@@ -52,7 +54,9 @@ CONVENTION_LABELS = {
 }
 COLORS = {"fresh": "#1f77b4", "cached": "#d62728"}
 FIGURES = ("entropy_per_layer", "kl_to_final_per_layer", "temperature_per_layer")
-DEFAULT_MODEL = "openai-community/gpt2"
+# The 4-layer GPT-2 this repository ships (reference_model/README.md): loads offline.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "reference_model" / "weights")
+DEFAULT_PROMPT = "Return the list of"
 DEFAULT_OUT_DIR = "logit_lens_output"
 LN2 = math.log(2.0)
 
@@ -314,7 +318,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="HF model name or local directory")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="local directory or Hugging Face model name (default: the shipped reference model)",
+    )
     parser.add_argument(
         "--model-label", help="name of the model in figure titles (default: --model)"
     )
@@ -329,7 +337,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.prompt is None and args.text_file is None:
-        args.prompt = ["The Eiffel Tower is in the city of"]
+        args.prompt = [DEFAULT_PROMPT]
     return args
 
 

@@ -1,6 +1,6 @@
-"""Make the figures of docs/source/content/logit_lens.md (repository-only; not part of the series).
+"""Make this repository's logit-lens figures (repository-only; no pull request carries them).
 
-Runs the demo script ``demos/logit_lens_demo.py`` on the trained reference model
+Runs the demo script ``examples/logit_lens_demo.py`` on the trained reference model
 (``reference_model/weights``: a 4-layer GPT-2 trained on the docstrings and comments of the Python
 standard library) over windows of text it was **not** trained on: the held-out files of its
 corpus (every 10th standard-library file, see ``reference_model/README.md``), extracted the way
@@ -11,8 +11,8 @@ training extracted them. Usage, from the repository root::
     HF_HUB_OFFLINE=1 .venv/bin/python tools/docs_figures.py --check    # redraw and compare (make figures-check)
 
 It writes ``entropy_per_layer.svg``, ``kl_to_final_per_layer.svg``,
-``temperature_per_layer.svg`` and ``logit_lens_stats.csv`` to ``docs/source/_static/logit_lens``
-(or ``--out``).
+``temperature_per_layer.svg`` and ``logit_lens_stats.csv`` to ``examples/figures`` (or ``--out``).
+Entropy and KL are in bits there, as the figures' axes and the CSV's column names say.
 
 ``--check`` draws them into a temporary folder, leaves the committed files alone, and compares the
 numbers behind the figures rather than the SVG bytes, which change with the CPU (float rounding in
@@ -43,14 +43,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "demos"))
+sys.path.insert(0, str(ROOT / "examples"))
 
 import logit_lens_demo  # noqa: E402
 
 from reference_model.train import build_corpus  # noqa: E402
 
 WEIGHTS = ROOT / "reference_model" / "weights"
-OUT_DIR = ROOT / "docs" / "source" / "_static" / "logit_lens"
+OUT_DIR = ROOT / "examples" / "figures"
 WINDOWS = 256
 WINDOW_LEN = 64
 CSV_NAME = "logit_lens_stats.csv"
