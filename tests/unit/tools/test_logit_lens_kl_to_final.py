@@ -5,7 +5,7 @@ Every statistic is checked against the naive computation, ``log_softmax`` of the
 Calls without ``kl_to_final`` are checked bit for bit against 4.3.0's readout loop.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def _randomize_readout(hf, norm, seed):
         head.copy_(torch.randn(head.shape, generator=generator) * 0.3)
 
 
-def _gpt2():
+def _gpt2(dtype=torch.float32):
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=D_VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=4)
     hf = GPT2LMHeadModel(cfg).eval()
@@ -41,7 +41,7 @@ def _gpt2():
     with torch.no_grad():
         hf.lm_head.bias.copy_(torch.randn(D_VOCAB, generator=torch.Generator().manual_seed(2)))
     return build_bridge_from_module(
-        hf, "GPT2LMHeadModel", hf_config=cfg, dtype=torch.float32, device="cpu"
+        hf.to(dtype), "GPT2LMHeadModel", hf_config=cfg, dtype=dtype, device="cpu"
     )
 
 
@@ -50,8 +50,8 @@ def gpt2():
     return _gpt2()
 
 
-@pytest.fixture(scope="module")
-def gemma2():
+def _gemma2():
+    """A Gemma-2 whose final logits are soft-capped at 5."""
     torch.manual_seed(0)
     config = Gemma2Config(
         vocab_size=D_VOCAB,
@@ -77,6 +77,11 @@ def gemma2():
     return build_bridge_from_module(
         hf, "Gemma2ForCausalLM", hf_config=config, dtype=torch.float32, device="cpu"
     )
+
+
+@pytest.fixture(scope="module")
+def gemma2():
+    return _gemma2()
 
 
 def _naive(model, tokens, targets=None, lens=None) -> Dict[str, torch.Tensor]:
@@ -166,8 +171,8 @@ def test_lens_and_layer_selection_keep_the_model_as_reference(gpt2):
     _assert_matches(some.readout, {k: v[[0, 2]] for k, v in plain.items() if k != "model_logits"})
 
 
-class _UnembeddingRows(TorchFunctionMode):
-    """Records the rows of every matmul whose output has ``d_vocab`` columns."""
+class MatmulShapes(TorchFunctionMode):
+    """Records ``(rows, columns)`` of every matmul's output."""
 
     MATMULS = {
         torch.Tensor.__matmul__,
@@ -180,12 +185,12 @@ class _UnembeddingRows(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.rows: List[int] = []
+        self.shapes: List[Tuple[int, int]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in self.MATMULS and isinstance(out, torch.Tensor) and out.shape[-1] == D_VOCAB:
-            self.rows.append(out.numel() // D_VOCAB)
+        if func in self.MATMULS and isinstance(out, torch.Tensor):
+            self.shapes.append((out.numel() // out.shape[-1], out.shape[-1]))
         return out
 
 
@@ -194,14 +199,15 @@ def test_no_unembedding_matmul_takes_more_than_chunk_size_rows(gpt2):
     naive = _naive(gpt2, TOKENS)
     for kl_to_final in (False, True):
         for chunk_size in (1, 2, 5):
-            with _UnembeddingRows() as counted:
+            with MatmulShapes() as counted:
                 result = logit_lens(
                     cache, positions=None, incl_mid=True, kl_to_final=kl_to_final, top_k=2,
                     chunk_size=chunk_size,
                 )  # fmt: skip
             assert len(result.labels) == 7
-            assert max(counted.rows) == chunk_size, (kl_to_final, chunk_size, counted.rows)
-            assert sum(counted.rows) == 7 * 2 * 6  # every row read once
+            rows = [n for n, columns in counted.shapes if columns == D_VOCAB]
+            assert max(rows) == chunk_size, (kl_to_final, chunk_size, rows)
+            assert sum(rows) == 7 * 2 * 6  # every row read once
             if kl_to_final:
                 kept = [0, 2, 4, 6]  # the resid_pre entries and final_post
                 torch.testing.assert_close(result.readout.kl_to_final[kept], naive["kl"])
