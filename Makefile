@@ -21,8 +21,8 @@ ACCEPTANCE_TESTS = $(shell git ls-files --cached --others --exclude-standard -- 
 OUR_TESTS = $(filter-out $(ACCEPTANCE_TESTS),$(shell git ls-files --cached --others --exclude-standard -- 'tests/*.py'))
 # Doctests of the code the pull requests add; accumulated_resid's example needs a Hub model.
 DOCTESTS := transformer_lens/model_bridge/generalized_components/normalization.py::transformer_lens.model_bridge.generalized_components.normalization.NormalizationBridge.normalize_without_hooks
-# Python files the series add, and the library files they edit.
-ADDED_PY = $(filter tests/% demos/% transformer_lens/%,$(shell git ls-files --cached --others --exclude-standard -- '*.py'))
+# Python files the series add (and the repository's own examples), and the library files they edit.
+ADDED_PY = $(filter tests/% demos/% examples/% transformer_lens/%,$(shell git ls-files --cached --others --exclude-standard -- '*.py'))
 EDITED_LIBRARY_FILES = $(shell cd $(FORK) && git diff --name-only upstream HEAD --diff-filter=M -- 'transformer_lens/*.py')
 # Upstream's tests of the code the pull requests touch (the cache, the norms, the logit-lens tool),
 # as the manifest lists them.
