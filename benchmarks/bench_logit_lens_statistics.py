@@ -2,16 +2,15 @@
 
 Statistics: entropy, KL to the final layer, the next token's probability and rank, top 5, for
 every stack entry and position of a GPT-2-shaped bridge (random weights, built from a config).
-Cases, each run in a fresh subprocess on the same cache:
+Cases, each run in a fresh subprocess on the same cache, all with 4.3.0's ``chunk_size=64``:
 
 - ``naive``: materialize ``[layers, batch, pos, d_vocab]`` logits, ``log_softmax``, reduce.
 - ``4.3.0 targets`` / ``4.3.0 top-5``: the pristine 4.3.0 ``logit_lens`` (loaded by path from the
-  release sdist) with per-row targets (entropy and ranks) or ``top_k=5`` (entropy and top 5): it
-  offers no KL or target probability and takes one selector per call.
-- ``this PR targets``: the same call as ``4.3.0 targets`` (what an existing caller pays; it now
-  also gets KL and target probabilities).
-- ``this PR default``: ``logit_lens(..., targets=..., top_k=5)``, chunks of 64 rows x d_vocab.
-- ``this PR statistics_only``: the same with ``statistics_only=True`` (default chunk sizes).
+  release sdist) with per-row targets (entropy and ranks) or ``top_k=5`` (entropy and top 5).
+- ``targets``: the same call as ``4.3.0 targets`` on this tree (it now also returns
+  ``target_probs``); its outputs are checked ``torch.equal`` to 4.3.0's.
+- ``targets + KL``: the same with ``kl_to_final=True``.
+- ``statistics_only ...``: the same requests with ``statistics_only=True``.
 
 Time: median of ``--repeats`` runs after one warm-up. Peak extra memory: peak resident set size
 (``VmHWM``, reset through ``/proc/self/clear_refs`` before each run) minus the resident size
@@ -47,14 +46,18 @@ SDIST = os.path.join(ROOT, ".cache", "upstream", "transformer_lens-4.3.0.tar.gz"
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 SECTION = "## Logit-lens statistics"
 MIB = 2**20
-CASES = [
-    "naive",
-    "4.3.0 targets",
-    "4.3.0 top-5",
-    "this PR targets",
-    "this PR default",
-    "this PR statistics_only",
-]
+# Each case, and the 4.3.0 case of the same selector its time is compared with.
+CASES = {
+    "naive": "4.3.0 targets",
+    "4.3.0 targets": "4.3.0 targets",
+    "4.3.0 top-5": "4.3.0 top-5",
+    "targets": "4.3.0 targets",
+    "targets + KL": "4.3.0 targets",
+    "statistics_only targets": "4.3.0 targets",
+    "statistics_only targets + KL": "4.3.0 targets",
+    "statistics_only top-5": "4.3.0 top-5",
+}
+BOUNDED = "statistics_only targets + KL"
 SHAPES = {
     "full": [("GPT-2 small", 50257, 128), ("256k vocabulary", 256000, 128)],
     "quick": [("GPT-2 small, quick", 50257, 16), ("256k vocabulary, quick", 256000, 4)],
@@ -141,16 +144,22 @@ def case_function(case: str, model, cache, targets) -> Callable[[], Any]:
 
     if case == "naive":
         return lambda: naive(model, cache, targets)
-    if case.startswith("4.3.0"):
-        pristine = _pristine_logit_lens()
-        if case == "4.3.0 targets":
-            return lambda: pristine(cache, positions=None, targets=targets)
-        return lambda: pristine(cache, positions=None, top_k=5)
-    if case == "this PR targets":
-        return lambda: logit_lens(cache, positions=None, targets=targets)
-    statistics_only = case == "this PR statistics_only"
-    return lambda: logit_lens(
-        cache, positions=None, targets=targets, top_k=5, statistics_only=statistics_only
+    lens = _pristine_logit_lens() if case.startswith("4.3.0") else logit_lens
+    kwargs: Dict[str, Any] = {"top_k": 5} if case.endswith("top-5") else {"targets": targets}
+    if case.endswith("+ KL"):
+        kwargs["kl_to_final"] = True
+    if case.startswith("statistics_only"):
+        kwargs["statistics_only"] = True
+    return lambda: lens(cache, positions=None, **kwargs)
+
+
+def result_bytes(readout: Any) -> int:
+    """Bytes of the per-row tensors a readout returns."""
+    fields = ("values", "entropy", "top_ids", "target_ranks", "target_probs", "kl_to_final")
+    return sum(
+        getattr(readout, f).numel() * getattr(readout, f).element_size()
+        for f in fields
+        if getattr(readout, f) is not None
     )
 
 
@@ -174,19 +183,29 @@ def worker(case: str, d_vocab: int, pos: int, repeats: int, threads: int) -> Dic
             "seconds": statistics.median(r[0] for r in runs),
             "peak_extra": max(r[1] for r in runs),
         }
-        if case == "this PR statistics_only":
+        if case == "targets":
+            ours = function().readout
+            theirs = case_function("4.3.0 targets", model, cache, targets)().readout
+            out["equal_to_4.3.0"] = all(
+                torch.equal(getattr(ours, f), getattr(theirs, f))
+                for f in ("values", "entropy", "target_ranks")
+            )
+        if case.startswith("statistics_only"):
             readout = function().readout
             expected = naive(model, cache, targets)
             out["max_abs_diff"] = {
                 name: float((getattr(readout, name).float() - value.float()).abs().max())
                 for name, value in expected.items()
+                if getattr(readout, name) is not None
             }
             module = importlib.import_module("transformer_lens.tools.analysis.logit_lens")
             rows = (N_LAYERS + 1) * pos
-            groups, vocab_chunk = module._statistics_chunk_sizes(
-                rows, N_LAYERS + 1, d_vocab, 4, None, None
+            width, buffers = module._chunk_buffers(model.W_U, min(64, rows), None)
+            out["chunk"] = [min(64, rows), width]
+            out["buffer_bytes"] = sum(
+                b.numel() * b.element_size() for b in buffers if b is not None
             )
-            out["chunk"] = [groups * (N_LAYERS + 1), vocab_chunk]
+            out["result_bytes"] = result_bytes(readout)
     return out
 
 
@@ -256,11 +275,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     header = machine_lines(args.threads, repeats)
     print("\n".join(header), flush=True)
     lines = [
-        "Entropy, KL to the final layer, next-token probability and rank, top 5 over 13 stack "
-        "entries (12 layers + final) of a random GPT-2-shaped bridge, d_model 768, batch 1. "
-        "The 4.3.0 rows compute less (no KL, no probability, one selector per call); "
-        "`this PR targets` is the same call as `4.3.0 targets`; `this PR default` and "
-        "`statistics_only` compute everything in one call.",
+        "Entropy and the next token's rank (and, on this tree, its probability), KL to the "
+        "final layer, or top 5, over 13 stack entries (12 layers + final) of a random "
+        "GPT-2-shaped bridge, d_model 768, batch 1, `chunk_size=64` (rows per unembedding "
+        "matmul) in every case. `targets` is the same call as `4.3.0 targets`; `+ KL` adds "
+        "`kl_to_final=True`; each time is compared with the 4.3.0 call of the same selector.",
         "",
         *header,
         "",
@@ -268,32 +287,40 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name, d_vocab, pos in SHAPES["quick" if args.quick else "full"]:
         rows = (N_LAYERS + 1) * pos
         results = {case: run_case(case, d_vocab, pos, repeats, args.threads) for case in CASES}
-        ours = results["this PR statistics_only"]
+        ours = results[BOUNDED]
         chunk_rows, vocab_chunk = ours["chunk"]
         stack_bytes = rows * D_MODEL * 4
-        chunk_bytes = chunk_rows * vocab_chunk * 4
+        # What any implementation returns, twice: the per-chunk parts and their concatenation,
+        # and 64 bytes a row of row indices (targets, chunk rows, their order and its inverse).
+        returned = 2 * ours["result_bytes"] + 64 * rows
+        bound = stack_bytes + ours["buffer_bytes"] + returned
+        peak = ours["peak_extra"]
         lines += [
             f"### {name}: {rows:,} rows x {d_vocab:,} vocabulary",
             "",
-            f"Naive logits alone: {rows * d_vocab * 4 / MIB:.0f} MiB. Residual stack "
-            f"{stack_bytes / MIB:.1f} MiB; one default chunk {chunk_rows:,} x {vocab_chunk:,} "
-            f"float32 = {chunk_bytes / MIB:.1f} MiB; bound (stack + chunk) "
-            f"{(stack_bytes + chunk_bytes) / MIB:.1f} MiB.",
+            f"Naive logits alone: {rows * d_vocab * 4 / MIB:.0f} MiB. `{BOUNDED}` holds the "
+            f"normalized stack ({stack_bytes / MIB:.1f} MiB), one chunk of {chunk_rows} x "
+            f"{vocab_chunk:,} float32 logits with its scratch "
+            f"({ours['buffer_bytes'] / MIB:.2f} MiB) and the per-row results with their "
+            f"bookkeeping ({returned / MIB:.2f} MiB): bound {bound / MIB:.2f} MiB, measured "
+            f"{peak / MIB:.2f} MiB ({'under' if peak <= bound else 'OVER'} the bound).",
             "",
-            "| case | time | peak extra memory | time / 4.3.0 targets |",
+            "| case | time | peak extra memory | time / 4.3.0, same selector |",
             "|---|---|---|---|",
         ]
-        base = results["4.3.0 targets"]["seconds"]
-        for case in CASES:
+        for case, baseline in CASES.items():
             r = results[case]
             lines.append(
                 f"| {case} | {r['seconds']:.2f} s | {r['peak_extra'] / MIB:.1f} MiB | "
-                f"{r['seconds'] / base:.2f}x |"
+                f"{r['seconds'] / results[baseline]['seconds']:.2f}x |"
             )
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in ours["max_abs_diff"].items())
+        top = results["statistics_only top-5"]["max_abs_diff"]["top_ids"]
         lines += [
             "",
-            f"statistics_only against naive, max abs difference: {diffs}.",
+            f"`targets` outputs `torch.equal` to 4.3.0's: {results['targets']['equal_to_4.3.0']}. "
+            f"`{BOUNDED}` against naive, max abs difference: {diffs}; "
+            f"`statistics_only top-5` top_ids: {top:.1e}.",
             "",
         ]
         print("\n".join(lines[-(len(CASES) + 9) :]), flush=True)
