@@ -319,10 +319,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         def bound(r: Dict[str, Any]) -> int:
             # Reading: the normalized stack, the chunk buffers, one chunk of gathered rows,
-            # and what any implementation returns, twice (the per-chunk parts and their
-            # concatenation), plus 64 bytes a row of row indices (targets, chunk rows, their
-            # order and its inverse).
-            gathered = chunk_rows * D_MODEL * 4
+            # the W_U columns of 32 per-row targets at a time, and what any implementation
+            # returns, twice (the per-chunk parts and their concatenation), plus 64 bytes a row
+            # of row indices (targets, chunk rows, their order and its inverse).
+            gathered = chunk_rows * D_MODEL * 4 + D_MODEL * 32 * 4
             results = 2 * r["result_bytes"] + 64 * rows
             return max(normalizing, stack_bytes + r["buffer_bytes"] + gathered + results)
 
@@ -336,7 +336,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"normalized stack, {stack_bytes / MIB:.1f} MiB each, and the norm's temporaries "
             f"over one step of rows, {3 * norm_step / MIB:.2f} MiB) and what reading holds (the "
             f"normalized stack, one chunk of {chunk_rows} x {vocab_chunk:,} float32 logits with "
-            f"its scratch, {ours['buffer_bytes'] / MIB:.2f} MiB, the chunk's gathered rows, and "
+            f"its scratch, {ours['buffer_bytes'] / MIB:.2f} MiB, the chunk's gathered rows, the "
+            "W_U columns of 32 per-row targets at a time, and "
             "the per-row results twice, the parts and their concatenation, with 64 bytes a row "
             "of row indices). "
             "Tensor peak: the most bytes of tensors the call held at once, its output "
