@@ -124,9 +124,10 @@ PULL_REQUESTS = (
             Commit(edits=("docs/source/content/analysis_tools.md",)),
             Commit(
                 "Test KL to the final layer and target probabilities against log_softmax\n\n"
-                "The naive full computation is the reference; calls without the new options\n"
-                "are checked against the same call with kl_to_final left off, and no\n"
-                "unembedding matmul may take more than chunk_size rows.",
+                "The naive full computation is the reference for KL and target probabilities;\n"
+                "calls without the new options are checked bit for bit against 4.3.0's loop,\n"
+                "written out in the test; no unembedding matmul may take more than chunk_size\n"
+                "rows, and no hook fires anywhere in the tool.",
                 adds=("tests/unit/tools/test_logit_lens_kl_to_final.py",),
             ),
         ),
