@@ -4,7 +4,8 @@ The page's ``python`` blocks that hold ``>>>`` examples run in order in one name
 doctest, on a small GPT-2 bridge built from a config (no download). The page's first recipe (the
 lens and its logits) is also run, as the page writes it, on a soft-capped Gemma-2 and on a Granite
 with ``logits_scaling``, both built from configs: its last row must give the model's own
-log-probabilities there too.
+log-probabilities there too. The lens and cached-scale recipes also run, as written, on a
+bfloat16 model.
 """
 
 import doctest
@@ -18,6 +19,8 @@ PAGE = Path(__file__).parents[2] / "docs" / "source" / "content" / "logit_lens.m
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # The first recipe: the statements of the page that assign these names, in the page's order.
 FIRST_RECIPE = ("lens, labels = ", "lens_logits = ")
+# The cached-scale recipe (cumulative DLA read as logits).
+CACHED_RECIPE = ("cached = ", "cached_logits = ")
 # float32 log-probabilities of a 64-token vocabulary; the lens and the model run the same
 # arithmetic, so they agree to rounding (observed: exactly); a missing output transform is off by
 # more than 1 nat on both models below.
@@ -29,10 +32,11 @@ def page_examples() -> str:
     return "\n".join(blocks)
 
 
-def first_recipe() -> str:
+def recipe(prefixes=FIRST_RECIPE) -> str:
+    """The page's statements that start with ``prefixes``, one each, in the page's order."""
     examples = doctest.DocTestParser().get_examples(page_examples())
-    sources = [e.source for e in examples if e.source.startswith(FIRST_RECIPE)]
-    assert [s.split("=")[0] for s in sources] == [p.split("=")[0] for p in FIRST_RECIPE], sources
+    sources = [e.source for e in examples if e.source.startswith(prefixes)]
+    assert [s.split("=")[0] for s in sources] == [p.split("=")[0] for p in prefixes], sources
     return "".join(sources)
 
 
@@ -56,26 +60,30 @@ def test_page_recipes_run_with_the_printed_output():
         pytest.fail("".join(failures), pytrace=False)
 
 
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
+
+
 def gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     # A soft cap of 3 rather than Gemma-2's 30, so that these small random logits reach it.
-    config = Gemma2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
-        final_logit_softcapping=3.0, attn_logit_softcapping=50.0, sliding_window=16,
-    )  # fmt: skip
+    config = Gemma2Config(**SMALL, head_dim=8, sliding_window=16)
+    config.final_logit_softcapping, config.attn_logit_softcapping = 3.0, 50.0
     return config, Gemma2ForCausalLM, "Gemma2ForCausalLM"
 
 
 def granite():
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    config = GraniteConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        logits_scaling=8.0,
-    )  # fmt: skip
+    config = GraniteConfig(**SMALL, logits_scaling=8.0)
     return config, GraniteForCausalLM, "GraniteForCausalLM"
 
 
@@ -96,7 +104,7 @@ def test_first_recipe_gives_the_models_log_probs_with_an_output_transform(make, 
             model.enable_compatibility_mode(disable_warnings=True)
         logits, cache = model.run_with_cache(torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]]))
         namespace = {"torch": torch, "model": model, "cache": cache}
-        exec(first_recipe(), namespace)
+        exec(recipe(), namespace)
         lens, lens_logits = namespace["lens"], namespace["lens_logits"]
         expected = logits.log_softmax(-1)
         got = lens_logits[-1].log_softmax(-1)
@@ -104,3 +112,28 @@ def test_first_recipe_gives_the_models_log_probs_with_an_output_transform(make, 
         # The transform is what makes it right: without it the last row is off.
         untransformed = (lens[-1] @ model.W_U + model.b_U).log_softmax(-1)
         assert (untransformed - expected).abs().max() > 1.0
+
+
+def test_lens_and_cached_recipes_run_as_written_in_bfloat16():
+    # The cached scale is float32, so the cached stack comes back float32 on a bfloat16 model (as
+    # in 4.3.0); the page's cast makes its matmul with W_U work there.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        hf_model = GPT2LMHeadModel(config).eval().to(torch.bfloat16)
+        model = build_bridge_from_module(hf_model, "GPT2LMHeadModel", hf_config=config)
+        model.enable_compatibility_mode(disable_warnings=True)
+        logits, cache = model.run_with_cache(torch.tensor([[0, 14, 15, 9, 26, 5, 35, 8]]))
+        namespace = {"torch": torch, "model": model, "cache": cache}
+        exec(recipe(FIRST_RECIPE) + recipe(CACHED_RECIPE), namespace)
+    # bfloat16 keeps 8 bits of mantissa: half a percent of the largest logit.
+    atol = 5e-3 * logits.abs().max().item()
+    for name in ("lens_logits", "cached_logits"):
+        got = namespace[name]
+        assert got.dtype == torch.bfloat16, (name, got.dtype)
+        error = (got[-1].float() - logits.float()).abs().max().item()
+        assert error <= atol, (name, error, atol)
