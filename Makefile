@@ -19,8 +19,6 @@ PYTEST := $(FORK_PY) -m pytest -p no:cacheprovider
 # (upstream's CI caches them), which this offline machine cannot reach.
 ACCEPTANCE_TESTS = $(shell git ls-files --cached --others --exclude-standard -- 'tests/acceptance/*.py')
 OUR_TESTS = $(filter-out $(ACCEPTANCE_TESTS),$(shell git ls-files --cached --others --exclude-standard -- 'tests/*.py'))
-# Doctests of the code the pull requests add; accumulated_resid's example needs a Hub model.
-DOCTESTS := transformer_lens/model_bridge/generalized_components/normalization.py::transformer_lens.model_bridge.generalized_components.normalization.NormalizationBridge.normalize_without_hooks
 # Python files the series add (and the repository's own examples), and the library files they edit.
 ADDED_PY = $(filter tests/% demos/% examples/% transformer_lens/%,$(shell git ls-files --cached --others --exclude-standard -- '*.py'))
 EDITED_LIBRARY_FILES = $(shell cd $(FORK) && git diff --name-only upstream HEAD --diff-filter=M -- 'transformer_lens/*.py')
@@ -56,10 +54,10 @@ example:
 link:
 	PYTHON=$(PY) tools/fork.sh link
 
-## test: the tests the pull requests add, their doctests, and this repository's own checks
+## test: the tests the pull requests add, and this repository's own checks
 test: link
 	@echo "Deselected (pretrained weights from the Hub; upstream's CI caches them): $(ACCEPTANCE_TESTS)"
-	cd $(FORK) && $(PYTEST) $(OUR_TESTS) $(DOCTESTS)
+	cd $(FORK) && $(PYTEST) $(OUR_TESTS)
 	$(PY) -m pytest -p no:cacheprovider checks
 
 ## lint: upstream's `make check-format` (pycln, isort, black with its config) on the exported
