@@ -16,7 +16,8 @@ FORK_PY := ../../$(PY)
 PYTEST := $(FORK_PY) -m pytest -p no:cacheprovider
 # The tests the pull requests add (at upstream paths, linked into the fork), but for the acceptance
 # tier: it loads gpt2 and pythia-70m from the Hugging Face Hub, as upstream's acceptance tests do
-# (upstream's CI caches them), which this offline machine cannot reach.
+# (upstream's CI caches them). `make acceptance` (mk/acceptance.mk) runs it offline against a local
+# Hub cache of those models with random weights.
 ACCEPTANCE_TESTS = $(shell git ls-files --cached --others --exclude-standard -- 'tests/acceptance/*.py')
 OUR_TESTS = $(filter-out $(ACCEPTANCE_TESTS),$(shell git ls-files --cached --others --exclude-standard -- 'tests/*.py'))
 # Python files the series add (and the repository's own examples), and the library files they edit.

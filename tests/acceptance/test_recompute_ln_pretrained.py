@@ -75,6 +75,7 @@ def _bridge_and_reference(name: str):
     return model, tokens, _hf_reference(name, tuple(tokens[0].tolist()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NORM_PATHS))
 @torch.no_grad()
 def test_recompute_ln_matches_hf_norms_on_hf_residuals(name: str):
@@ -104,6 +105,7 @@ def test_recompute_ln_matches_hf_norms_on_hf_residuals(name: str):
     torch.testing.assert_close(_lens_log_probs(model, lens)[-1], hf_log_probs, **TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NORM_PATHS))
 @torch.no_grad()
 def test_recompute_ln_in_compatibility_mode(name: str):
