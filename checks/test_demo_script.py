@@ -147,3 +147,28 @@ def test_missing_cuda_device_is_one_line_and_creates_no_folder(tmp_path: Path) -
     )  # fmt: skip
     assert_one_line_error(result, "--device cuda", "--device cpu")
     assert not out.exists()
+
+
+def test_missing_matplotlib_is_named_before_any_work(tmp_path: Path) -> None:
+    # matplotlib made unimportable, as on a machine without it; the script is run as `python
+    # logit_lens_demo.py` would run it. Before any work: no table printed, no folder, no torch.
+    out = tmp_path / "figures"
+    code = (
+        "import runpy, sys; sys.modules['matplotlib'] = None\n"
+        "sys.argv = [sys.argv[1], '--model', sys.argv[2], '--out-dir', sys.argv[3]]\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n    status = e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules]\n"
+        "assert not heavy, heavy\nsys.exit(status)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(SCRIPT), str(MODEL), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert_one_line_error(result, "matplotlib is not installed", "pip install matplotlib")
+    assert result.stdout == "", result.stdout
+    assert not out.exists()

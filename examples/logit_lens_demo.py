@@ -12,7 +12,9 @@ conventions of ``ActivationCache.accumulated_resid`` and compares them:
 Per layer it reports the entropy of the lens distribution, its KL divergence from the final
 layer's distribution and the temperature, averaged over the positions of each window and then
 summarized over windows (mean and 10th-90th percentile), and writes three SVG figures and a CSV
-table to ``--out-dir``.
+table to ``--out-dir``. Entropy and KL are in nats (natural logarithms), the unit of the logit-lens
+tool ``transformer_lens.tools.analysis.logit_lens``. The figures need matplotlib; the script checks
+for it before doing any work.
 
 Repository-only (not part of the pull requests). Examples, from the repository root::
 
@@ -24,8 +26,9 @@ Repository-only (not part of the pull requests). Examples, from the repository r
 ``--model`` takes a local directory in Hugging Face format (default: the reference model shipped
 in ``reference_model/weights``, which needs no network) or a Hugging Face model name. The script
 sets no environment variable; to run offline, set ``HF_HUB_OFFLINE=1`` yourself and pass a local
-directory (or a model already in the Hugging Face cache). A model that cannot be loaded, a
-device that is not there and bad arguments each give a one-line ``error:`` and exit status 2;
+directory (or a model already in the Hugging Face cache). Missing matplotlib, a model that
+cannot be loaded, a device that is not there and bad arguments each give a one-line ``error:`` and
+exit status 2;
 nothing is written, and no output folder is created, before the model has loaded. ``--help``
 imports neither torch nor transformers.
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
 import os
 import sys
@@ -58,7 +62,6 @@ FIGURES = ("entropy_per_layer", "kl_to_final_per_layer", "temperature_per_layer"
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "reference_model" / "weights")
 DEFAULT_PROMPT = "Return the list of"
 DEFAULT_OUT_DIR = "logit_lens_output"
-LN2 = math.log(2.0)
 
 
 class UsageError(ValueError):
@@ -91,19 +94,29 @@ class LayerStats:
     """
 
     labels: List[str]
-    entropy_bits: torch.Tensor
-    kl_bits: torch.Tensor
+    entropy_nats: torch.Tensor
+    kl_nats: torch.Tensor
     temperature: torch.Tensor
 
 
-def entropy_bits(log_probs: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits of distributions given as log-probabilities over the last axis."""
-    return -(log_probs.exp() * log_probs).sum(-1) / LN2
+def entropy_nats(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of distributions given as log-probabilities over the last axis."""
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
-def kl_bits(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q)`` in bits over the last axis, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1) / LN2
+def kl_nats(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` in nats over the last axis, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def lens_logits(model, normalized: torch.Tensor) -> torch.Tensor:
+    """Logits of a normalized stack, through the unembedding and the adapter's output transform.
+
+    The transform (Gemma-2's soft cap, Granite's ``logits_scaling``, ...) is the identity on
+    models that have none; the cast is for bfloat16 models, whose cached-scale stack is float32.
+    """
+    unembedded = normalized.to(model.W_U.dtype) @ model.W_U + model.b_U
+    return model.adapter.apply_output_logits_transform(unembedded)
 
 
 def lens_statistics(model, tokens: torch.Tensor, skip_first: int = 1) -> Dict[str, LayerStats]:
@@ -129,13 +142,13 @@ def lens_statistics(model, tokens: torch.Tensor, skip_first: int = 1) -> Dict[st
     # Both conventions centre the same residual and differ only in the scale they divide by.
     temperature = normalized["fresh"].norm(dim=-1) / normalized["cached"].norm(dim=-1)
     for name, lens in normalized.items():
-        log_probs = (lens @ model.W_U + model.b_U).log_softmax(-1)  # layer, batch, pos, vocab
-        entropy = entropy_bits(log_probs)
-        kl = kl_bits(log_probs[-1:], log_probs)
+        log_probs = lens_logits(model, lens).float().log_softmax(-1)  # layer, batch, pos, vocab
+        entropy = entropy_nats(log_probs)
+        kl = kl_nats(log_probs[-1:], log_probs)
         out[name] = LayerStats(
             labels=labels,
-            entropy_bits=entropy.mean(-1).T,
-            kl_bits=kl.mean(-1).T,
+            entropy_nats=entropy.mean(-1).T,
+            kl_nats=kl.mean(-1).T,
             temperature=temperature.mean(-1).T,
         )
     return out
@@ -148,8 +161,8 @@ def merge(parts: Sequence[Dict[str, LayerStats]]) -> Dict[str, LayerStats]:
     return {
         name: LayerStats(
             labels=parts[0][name].labels,
-            entropy_bits=torch.cat([p[name].entropy_bits for p in parts]),
-            kl_bits=torch.cat([p[name].kl_bits for p in parts]),
+            entropy_nats=torch.cat([p[name].entropy_nats for p in parts]),
+            kl_nats=torch.cat([p[name].kl_nats for p in parts]),
             temperature=torch.cat([p[name].temperature for p in parts]),
         )
         for name in CONVENTIONS
@@ -173,7 +186,7 @@ def top_tokens_table(model, prompt_tokens: torch.Tensor, top_k: int) -> str:
         lens, labels = cache.accumulated_resid(
             apply_ln=True, recompute_ln=recompute, return_labels=True, pos_slice=-1
         )
-        probs = (lens[:, 0] @ model.W_U + model.b_U).softmax(-1)  # layer, vocab
+        probs = lens_logits(model, lens[:, 0]).float().softmax(-1)  # layer, vocab
         top = probs.topk(top_k, dim=-1)
         lines.append(f"top {top_k} at the last position, {CONVENTION_LABELS[name]}:")
         for label, ids, ps in zip(labels, top.indices.tolist(), top.values.tolist()):
@@ -231,10 +244,10 @@ def plot(
 
     labels = stats["fresh"].labels
     x = list(range(len(labels)))
-    n_windows = stats["fresh"].entropy_bits.shape[0]
+    n_windows = stats["fresh"].entropy_nats.shape[0]
     specs = {
-        "entropy_per_layer": ("entropy_bits", "entropy of the lens (bits)", False),
-        "kl_to_final_per_layer": ("kl_bits", "KL(final || layer) (bits)", False),
+        "entropy_per_layer": ("entropy_nats", "entropy of the lens (nats)", False),
+        "kl_to_final_per_layer": ("kl_nats", "KL(final || layer) (nats)", False),
         "temperature_per_layer": ("temperature", "temperature T = cached / own scale", True),
     }
     paths = []
@@ -249,11 +262,11 @@ def plot(
                 ax.plot(x, s["mean"], marker="o", color=COLORS[conv], label=label)
                 if n_windows > 1:
                     ax.fill_between(x, s["p10"], s["p90"], color=COLORS[conv], alpha=0.2)
-            if field == "entropy_bits":
-                ax.axhline(math.log2(vocab_size), color="grey", ls="--", lw=1)
+            if field == "entropy_nats":
+                ax.axhline(math.log(vocab_size), color="grey", ls="--", lw=1)
                 ax.annotate(
                     f"uniform over {vocab_size:,} tokens",
-                    (x[-1], math.log2(vocab_size)),
+                    (x[-1], math.log(vocab_size)),
                     xytext=(0, -4),
                     textcoords="offset points",
                     ha="right",
@@ -271,7 +284,7 @@ def plot(
             band = "; band: 10th-90th percentile over windows" if n_windows > 1 else ""
             ax.set_title(f"{title}\n{source}{band}", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=9, loc="lower right" if field == "entropy_bits" else "upper right")
+            ax.legend(fontsize=9, loc="lower right" if field == "entropy_nats" else "upper right")
             fig.tight_layout()
             path = out_dir / f"{name}.svg"
             fig.savefig(path, metadata={"Date": None})
@@ -282,7 +295,7 @@ def plot(
 
 def write_csv(stats: Dict[str, LayerStats], path: Path) -> None:
     """One row per convention and layer: mean and 10th/90th percentiles of each statistic."""
-    fields = ["entropy_bits", "kl_bits", "temperature"]
+    fields = ["entropy_nats", "kl_nats", "temperature"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         header = ["convention", "layer"]
@@ -294,7 +307,7 @@ def write_csv(stats: Dict[str, LayerStats], path: Path) -> None:
                 row: List[object] = [conv, label]
                 for field in fields:
                     row += [f"{float(summaries[field][q][i]):.4f}" for q in ("mean", "p10", "p90")]
-                writer.writerow(row + [st.entropy_bits.shape[0]])
+                writer.writerow(row + [st.entropy_nats.shape[0]])
 
 
 def format_table(stats: Dict[str, LayerStats]) -> str:
@@ -302,13 +315,13 @@ def format_table(stats: Dict[str, LayerStats]) -> str:
     fresh, cached = stats["fresh"], stats["cached"]
     lines = [
         f"{'layer':>10} | {'H fresh':>8} {'H cached':>8} | {'KL fresh':>8} {'KL cached':>9} | "
-        f"{'T':>6}   (means over {fresh.entropy_bits.shape[0]} window(s); bits)"
+        f"{'T':>6}   (means over {fresh.entropy_nats.shape[0]} window(s); nats)"
     ]
     for i, label in enumerate(fresh.labels):
         lines.append(
-            f"{label:>10} | {fresh.entropy_bits[:, i].mean():8.3f} "
-            f"{cached.entropy_bits[:, i].mean():8.3f} | {fresh.kl_bits[:, i].mean():8.3f} "
-            f"{cached.kl_bits[:, i].mean():9.3f} | {fresh.temperature[:, i].mean():6.2f}"
+            f"{label:>10} | {fresh.entropy_nats[:, i].mean():8.3f} "
+            f"{cached.entropy_nats[:, i].mean():8.3f} | {fresh.kl_nats[:, i].mean():8.3f} "
+            f"{cached.kl_nats[:, i].mean():9.3f} | {fresh.temperature[:, i].mean():6.2f}"
         )
     return "\n".join(lines)
 
@@ -370,6 +383,23 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--out-dir {out} cannot be created in {parent}: pick another folder")
 
 
+def require_matplotlib() -> None:
+    """Refuses to start without matplotlib, which draws the figures; raises UsageError.
+
+    Checked before any work, so that a run does not print its tables and then fail.
+    """
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except ValueError:  # in sys.modules without a spec: treat as absent
+        found = False
+    if not found:
+        raise UsageError(
+            f"matplotlib is not installed, and the script draws its figures with it: install it "
+            f"with `{sys.executable} -m pip install matplotlib` (this repository's `make setup` "
+            "installs it into .venv)"
+        )
+
+
 def check_device(name: str) -> None:
     """Refuses a device torch does not know or cannot see, before the model is loaded."""
     import torch
@@ -422,6 +452,7 @@ def load_model(name: str, device: str):
 
 
 def run(args: argparse.Namespace) -> Dict[str, LayerStats]:
+    require_matplotlib()
     validate_args(args)
     check_device(args.device)
     import torch

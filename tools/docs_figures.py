@@ -12,7 +12,8 @@ training extracted them. Usage, from the repository root::
 
 It writes ``entropy_per_layer.svg``, ``kl_to_final_per_layer.svg``,
 ``temperature_per_layer.svg`` and ``logit_lens_stats.csv`` to ``examples/figures`` (or ``--out``).
-Entropy and KL are in bits there, as the figures' axes and the CSV's column names say.
+Entropy and KL are in nats there (the unit of the logit-lens tool), as the figures' axes and the
+CSV's column names say.
 
 ``--check`` draws them into a temporary folder, leaves the committed files alone, and compares the
 numbers behind the figures rather than the SVG bytes, which change with the CPU (float rounding in
@@ -21,14 +22,14 @@ the 4th-6th decimal, and the SVG element ids that hash the drawn paths). It fail
 * the redrawn CSV lacks a column or a (convention, layer) row of the committed one, or has extra
   ones, or the text cells (convention, layer, windows) differ;
 * a number differs from the committed one by more than ``--atol`` (default 1e-3) in the plotted
-  units (bits for entropy and KL, a ratio for the temperature);
+  units (nats for entropy and KL, a ratio for the temperature);
 * a committed SVG is not redrawn.
 
 Why an absolute 1e-3: the CSV is written with 4 decimals, so a last-digit flip from rounding alone
 is 1e-4; float32 reductions in another order (another CPU, another thread count) move the unrounded
 statistics by a few 1e-5 at the largest values here (temperatures near 24). 1e-3 leaves ten times
 the rounding step for that, and is far below anything one can see in the figures, whose y-axes span
-several bits (or a decade of temperature). The worst difference found is printed.
+several nats (or a decade of temperature). The worst difference found is printed.
 """
 
 from __future__ import annotations
