@@ -123,9 +123,11 @@ def test_default_run_uses_the_shipped_model_offline(tmp_path: Path) -> None:
 def test_hub_model_offline_is_one_line_naming_it_and_how_to_run_offline(tmp_path: Path) -> None:
     empty_cache = tmp_path / "hf"  # so that a machine with gpt2 cached gives the same answer
     result = run_script(
-        "--model", "openai-community/gpt2",
-        cwd=tmp_path, env_extra={"HF_HOME": str(empty_cache), "HF_HUB_CACHE": str(empty_cache)},
-    )  # fmt: skip
+        "--model",
+        "openai-community/gpt2",
+        cwd=tmp_path,
+        env_extra={"HF_HOME": str(empty_cache), "HF_HUB_CACHE": str(empty_cache)},
+    )
     assert_one_line_error(result, "openai-community/gpt2", "--model", "HF_HUB_OFFLINE=1")
     assert not (tmp_path / "logit_lens_output").exists(), "output folder created before loading"
 
@@ -142,9 +144,15 @@ def test_model_that_fails_to_load_is_one_line_and_creates_no_folder(tmp_path: Pa
 def test_missing_cuda_device_is_one_line_and_creates_no_folder(tmp_path: Path) -> None:
     out = tmp_path / "figures"
     result = run_script(
-        "--model", str(MODEL), "--device", "cuda", "--out-dir", str(out),
-        cwd=tmp_path, env_extra={"CUDA_VISIBLE_DEVICES": ""},
-    )  # fmt: skip
+        "--model",
+        str(MODEL),
+        "--device",
+        "cuda",
+        "--out-dir",
+        str(out),
+        cwd=tmp_path,
+        env_extra={"CUDA_VISIBLE_DEVICES": ""},
+    )
     assert_one_line_error(result, "--device cuda", "--device cpu")
     assert not out.exists()
 

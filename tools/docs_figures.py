@@ -90,9 +90,10 @@ def compare(committed_dir: Path, drawn_dir: Path, atol: float) -> list:
         missing = [k for k in committed if k not in drawn]
         extra = [k for k in drawn if k not in committed]
         problems.append(
-            f"rows differ: missing {missing}, extra {extra}" if missing or extra else
-            f"rows in another order: committed {list(committed)}, redrawn {list(drawn)}"
-        )  # fmt: skip
+            f"rows differ: missing {missing}, extra {extra}"
+            if missing or extra
+            else f"rows in another order: committed {list(committed)}, redrawn {list(drawn)}"
+        )
     worst = (0.0, None)
     columns = [c for c in committed_header if c in drawn_header]
     for key in (k for k in committed if k in drawn):
@@ -137,14 +138,20 @@ def draw(out_dir: Path) -> int:
         text_file.write_text("\n\n".join(heldout_docs), encoding="utf-8")
         return logit_lens_demo.main(
             [
-                "--model", str(WEIGHTS),
-                "--model-label", "4-layer GPT-2 trained on Python stdlib docstrings",
-                "--text-file", str(text_file),
-                "--windows", str(WINDOWS),
-                "--window-len", str(WINDOW_LEN),
-                "--out-dir", str(out_dir),
+                "--model",
+                str(WEIGHTS),
+                "--model-label",
+                "4-layer GPT-2 trained on Python stdlib docstrings",
+                "--text-file",
+                str(text_file),
+                "--windows",
+                str(WINDOWS),
+                "--window-len",
+                str(WINDOW_LEN),
+                "--out-dir",
+                str(out_dir),
             ]
-        )  # fmt: skip
+        )
 
 
 def main(argv=None) -> int:
