@@ -81,16 +81,16 @@ PULL_REQUESTS = (
             Commit(edits=("transformer_lens/ActivationCache.py",)),
             Commit(
                 "Test recompute_ln: the norm's own forward, 4.3.0, and Hugging Face's norms\n\n"
-                "Unit tests: normalize_without_hooks equals each norm class's forward with\n"
-                "torch.equal (LN, LNPre, RMS, RMSPre, 1 + w, no affine, Identity; float32 and\n"
-                "bfloat16; raw and compatibility mode); the default equals 4.3.0's per-entry\n"
-                "loop bit for bit; no hook fires; the cache is untouched; bad input and\n"
-                "filtered caches raise a ValueError naming the fix. Integration: Hugging Face's\n"
-                "norm modules applied to Hugging Face's own pre-norm residuals on GPT-2,\n"
-                "GPT-NeoX, Llama and Gemma built from configs. Acceptance: gpt2 and pythia-70m.",
+                "Unit: at every target, recompute_ln=True equals the target norm's forward on\n"
+                "each entry with torch.equal (LayerNorm from scratch and on processed weights,\n"
+                "RMSNorm, Gemma's 1 + w; float32 and bfloat16; the stack walked in one step\n"
+                "and in many); the default equals 4.3.0's loop and cached scale bit for bit;\n"
+                "no hook fires and hooks left on the norm are named in a warning; the cache\n"
+                "is untouched. Integration: Hugging Face's norm modules on Hugging Face's own\n"
+                "pre-norm residuals at every target, on GPT-2, GPT-NeoX and Llama built from\n"
+                "configs. Acceptance: the same on gpt2 and pythia-70m.",
                 adds=(
                     "tests/unit/test_activation_cache_recompute_ln.py",
-                    "tests/unit/model_bridge/generalized_components/test_normalize_without_hooks.py",
                     "tests/integration/test_recompute_ln_hf_ground_truth.py",
                     "tests/acceptance/test_recompute_ln_pretrained.py",
                 ),
