@@ -228,11 +228,12 @@ class Verdict:
             ("CHANGED AS LISTED", self.changed_as_listed),
         )
         for title, items in sections:
+            shown = limit if title != "CHANGED AS LISTED" or limit is None else min(limit, 3)
             if items:
                 out.append(f"  {title} by call: {dict(Counter(map(call_name, items)))}")
-            out += [f"    {title} {line}" for line in items[:limit]]
-            if limit is not None and len(items) > limit:
-                out.append(f"    ... {len(items) - limit} more in {REPORT.relative_to(ROOT)}")
+            out += [f"    {title} {line}" for line in items[:shown]]
+            if shown is not None and len(items) > shown:
+                out.append(f"    ... {len(items) - shown} more in {REPORT.relative_to(ROOT)}")
         return out
 
 
