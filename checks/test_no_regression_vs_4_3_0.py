@@ -297,6 +297,13 @@ def describe(expected: Any, got: Any) -> str:
     return f"{str(expected)[:80]} vs {str(got)[:80]}"
 
 
+def load(path: Path) -> Dict[str, Any]:
+    """A tree's answers, its file deleted (about 90 MB each; pytest keeps its last three runs)."""
+    answers = torch.load(path, weights_only=False)
+    path.unlink()
+    return answers
+
+
 def test_every_pr_answers_what_4_3_0_answers(tmp_path) -> None:
     start = time.monotonic()
     ordered = trees()
@@ -306,12 +313,12 @@ def test_every_pr_answers_what_4_3_0_answers(tmp_path) -> None:
     to_run = [tag for i, (tag, tree) in enumerate(ordered) if i == 0 or tree != ordered[i - 1][1]]
     with ThreadPoolExecutor(max_workers=2) as pool:  # this machine's two cores
         outputs = dict(zip(to_run, pool.map(lambda tag: run_tree(tag, tmp_path, models), to_run)))
-    pristine = torch.load(outputs["upstream"], weights_only=False)
+    pristine = load(outputs["upstream"])
     verdicts: List[Verdict] = []
     last_run, answers = "upstream", pristine
     for tag, _ in ordered[1:]:
         if tag in outputs:
-            last_run, answers = tag, torch.load(outputs[tag], weights_only=False)
+            last_run, answers = tag, load(outputs[tag])
         verdict = judge(tag, pristine, answers)
         verdict.reused_from = None if tag == last_run else last_run
         verdicts.append(verdict)
