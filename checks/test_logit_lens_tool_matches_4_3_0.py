@@ -30,7 +30,9 @@ def upstream_env() -> Dict[str, str]:
 @pytest.fixture(scope="module")
 def pristine_tool(tmp_path_factory) -> ModuleType:
     env = upstream_env()
-    sdist = ROOT / ".cache" / "upstream" / f"{env['UPSTREAM_NAME']}-{env['UPSTREAM_VERSION']}.tar.gz"
+    sdist = (
+        ROOT / ".cache" / "upstream" / f"{env['UPSTREAM_NAME']}-{env['UPSTREAM_VERSION']}.tar.gz"
+    )
     assert sdist.exists(), f"{sdist} is missing: `make setup` downloads it"
     with tarfile.open(sdist) as archive:
         member = next(
