@@ -175,7 +175,7 @@ def tensor_peak(function: Callable[[], Any]) -> int:
 
 def result_bytes(readout: Any) -> int:
     """Bytes of the per-row tensors a readout returns."""
-    fields = ("values", "entropy", "top_ids", "target_ranks", "target_probs", "kl_to_final")
+    fields = ("values", "entropy", "top_ids", "target_ranks", "target_probs", "kl_to_reference")
     return sum(
         getattr(readout, f).numel() * getattr(readout, f).element_size()
         for f in fields
@@ -213,18 +213,20 @@ def worker(case: str, d_vocab: int, pos: int, repeats: int, threads: int) -> Dic
         if case.startswith("statistics_only"):
             readout = function().readout
             expected = naive(model, cache, targets)
+            fields = {"kl_to_final": "kl_to_reference"}  # the readout's name of the field
             out["max_abs_diff"] = {
-                name: float((getattr(readout, name).float() - value.float()).abs().max())
+                name: float((getattr(readout, field).float() - value.float()).abs().max())
                 for name, value in expected.items()
-                if getattr(readout, name) is not None
+                for field in [fields.get(name, name)]
+                if getattr(readout, field) is not None
             }
             module = importlib.import_module("transformer_lens.tools.analysis.logit_lens")
             rows = (N_LAYERS + 1) * pos
-            width, buffers = module._chunk_buffers(model.W_U, min(64, rows), None)
+            width = min(module._VOCAB_CHUNK, d_vocab)
             out["chunk"] = [min(64, rows), width]
-            out["buffer_bytes"] = sum(
-                b.numel() * b.element_size() for b in buffers if b is not None
-            )
+            # One chunk of logits and its float32 temporaries (shifted, weights, their
+            # product, the comparison), and the chunk the target pre-pass reads.
+            out["buffer_bytes"] = 6 * min(64, rows) * width * 4
             out["result_bytes"] = result_bytes(readout)
             out["tensor_peak"] = tensor_peak(function)
     return out
@@ -318,11 +320,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         normalizing = 2 * stack_bytes + 3 * norm_step
 
         def bound(r: Dict[str, Any]) -> int:
-            # Reading: the normalized stack, the chunk buffers, one chunk of gathered rows,
-            # the W_U columns of 32 per-row targets at a time, and what any implementation
+            # Reading: the normalized stack, the chunk and its temporaries, one chunk of
+            # gathered rows and its normalized copy, and what any implementation
             # returns, twice (the per-chunk parts and their concatenation), plus 64 bytes a row
             # of row indices (targets, chunk rows, their order and its inverse).
-            gathered = chunk_rows * D_MODEL * 4 + D_MODEL * 32 * 4
+            gathered = 2 * chunk_rows * D_MODEL * 4
             results = 2 * r["result_bytes"] + 64 * rows
             return max(normalizing, stack_bytes + r["buffer_bytes"] + gathered + results)
 
@@ -336,8 +338,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"normalized stack, {stack_bytes / MIB:.1f} MiB each, and the norm's temporaries "
             f"over one step of rows, {3 * norm_step / MIB:.2f} MiB) and what reading holds (the "
             f"normalized stack, one chunk of {chunk_rows} x {vocab_chunk:,} float32 logits with "
-            f"its scratch, {ours['buffer_bytes'] / MIB:.2f} MiB, the chunk's gathered rows, the "
-            "W_U columns of 32 per-row targets at a time, and "
+            f"its temporaries, {ours['buffer_bytes'] / MIB:.2f} MiB, the chunk's gathered and "
+            "normalized rows, and "
             "the per-row results twice, the parts and their concatenation, with 64 bytes a row "
             "of row indices). "
             "Tensor peak: the most bytes of tensors the call held at once, its output "

@@ -118,31 +118,19 @@ PULL_REQUESTS = (
     ),
     PullRequest(
         "pr3",
-        "Logit lens: KL to the final layer and target probabilities",
+        "Logit lens: KL to the final layer, target probabilities, and statistics_only",
         (
             Commit(edits=("transformer_lens/tools/analysis/logit_lens.py",)),
             Commit(edits=("docs/source/content/analysis_tools.md",)),
             Commit(
-                "Test KL to the final layer and target probabilities against log_softmax\n\n"
-                "The naive full computation is the reference for KL and target probabilities;\n"
-                "calls without the new options are checked bit for bit against 4.3.0's loop,\n"
-                "written out in the test; no unembedding matmul may take more than chunk_size\n"
-                "rows, and no hook fires anywhere in the tool.",
-                adds=("tests/unit/tools/test_logit_lens_kl_to_final.py",),
-            ),
-        ),
-        UPSTREAM_LOGIT_LENS_TESTS,
-    ),
-    PullRequest(
-        "pr4",
-        "Logit lens: statistics_only, the vocabulary streamed in bounded memory",
-        (
-            Commit(edits=("transformer_lens/tools/analysis/logit_lens.py",)),
-            Commit(edits=("docs/source/content/analysis_tools.md",)),
-            Commit(
-                "Test statistics_only against the naive full computation\n\n"
-                "log_softmax of the materialized logits is the reference: soft-capped and\n"
-                "bfloat16 models, odd chunk sizes, a vocabulary not divisible by the chunk.",
+                "Test the logit-lens statistics against log_softmax and the default mode\n\n"
+                "The naive full computation is the reference for entropy, KL and target\n"
+                "probabilities; statistics_only ranks and top-k logits equal the default\n"
+                "mode's (torch.equal) in float32, bfloat16 and float16 on a 50,257-token\n"
+                "vocabulary with a non-zero b_U and on a soft-capped Gemma-2; calls without the\n"
+                "new options equal 4.3.0's loop; targets with an entry axis work with KL; bad\n"
+                "options fail before the forward pass; no matmul takes more than chunk_size\n"
+                "rows; no hook fires, and a hook on ln_final is named in a warning.",
                 adds=("tests/unit/tools/test_logit_lens_statistics.py",),
             ),
         ),
