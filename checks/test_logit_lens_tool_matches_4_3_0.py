@@ -7,46 +7,22 @@ arguments; each field 4.3.0 returns must be ``torch.equal`` to the fork's. Model
 configs: GPT-2 (3 layers, random final norm and ``b_U``) and a soft-capped Gemma-2, float32.
 """
 
-import importlib.util
-import tarfile
-from pathlib import Path
 from types import ModuleType
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 import torch
+from conftest import pristine_module
 
-ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("values", "entropy", "target_ranks", "top_ids", "target_ids", "vocab_ids")
 D_VOCAB = 1000
 
 
-def upstream_env() -> Dict[str, str]:
-    lines = (ROOT / "upstream.env").read_text().splitlines()
-    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
-    return {key.strip(): value.strip().strip('"') for key, value in pairs}
-
-
 @pytest.fixture(scope="module")
 def pristine_tool(tmp_path_factory) -> ModuleType:
-    env = upstream_env()
-    sdist = (
-        ROOT / ".cache" / "upstream" / f"{env['UPSTREAM_NAME']}-{env['UPSTREAM_VERSION']}.tar.gz"
+    return pristine_module(
+        "transformer_lens/tools/analysis/logit_lens.py", tmp_path_factory.mktemp("pristine")
     )
-    assert sdist.exists(), f"{sdist} is missing: `make setup` downloads it"
-    with tarfile.open(sdist) as archive:
-        member = next(
-            m for m in archive.getmembers() if m.name.endswith("tools/analysis/logit_lens.py")
-        )
-        source = archive.extractfile(member)
-        assert source is not None
-        path = tmp_path_factory.mktemp("pristine") / "logit_lens_430.py"
-        path.write_bytes(source.read())
-    spec = importlib.util.spec_from_file_location("logit_lens_430", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def gpt2() -> Any:

@@ -22,7 +22,6 @@ with depth, so that a missing weight or bias or a stale scale shows.
 import functools
 import importlib.util
 import inspect
-import tarfile
 import warnings
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -31,15 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import pytest
 import torch
-from transformer_lens.ActivationCache import ActivationCache
-from transformer_lens.config import TransformerBridgeConfig
-from transformer_lens.hook_points import HookPoint
-from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.generalized_components import NormalizationBridge
-from transformer_lens.model_bridge.generalized_components import (
-    normalization as normalization_module,
-)
-from transformer_lens.model_bridge.sources import build_bridge_from_module
+from conftest import pristine_module
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -55,7 +46,16 @@ from transformers import (
     RecurrentGemmaForCausalLM,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components import NormalizationBridge
+from transformer_lens.model_bridge.generalized_components import (
+    normalization as normalization_module,
+)
+from transformer_lens.model_bridge.sources import build_bridge_from_module
+
 D_MODEL = 32
 N_LAYERS = 3
 TOKENS = torch.tensor([[1, 7, 11, 3, 5, 9], [2, 9, 4, 4, 6, 8]])
@@ -70,35 +70,12 @@ SMALL = dict(vocab_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4, i
 # --- pristine 4.3.0 --------------------------------------------------------------------------
 
 
-def _upstream_env() -> Dict[str, str]:
-    lines = (ROOT / "upstream.env").read_text().splitlines()
-    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
-    return {key.strip(): value.strip().strip('"') for key, value in pairs}
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> ModuleType:
     """4.3.0's ``ActivationCache.py`` from the pinned sdist, imported by path beside the fork."""
-    env = _upstream_env()
-    sdist = (
-        ROOT / ".cache" / "upstream" / f"{env['UPSTREAM_NAME']}-{env['UPSTREAM_VERSION']}.tar.gz"
+    return pristine_module(
+        "transformer_lens/ActivationCache.py", tmp_path_factory.mktemp("pristine")
     )
-    assert sdist.exists(), f"{sdist} is missing: `make setup` downloads it"
-    with tarfile.open(sdist) as archive:
-        member = next(
-            m
-            for m in archive.getmembers()
-            if m.name.endswith("transformer_lens/ActivationCache.py")
-        )
-        source = archive.extractfile(member)
-        assert source is not None
-        path = tmp_path_factory.mktemp("pristine") / "ActivationCache_430.py"
-        path.write_bytes(source.read())
-    spec = importlib.util.spec_from_file_location("ActivationCache_430", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _as_pristine(pristine: ModuleType, cache: ActivationCache) -> Any:
