@@ -225,7 +225,7 @@ def worker(case: str, d_vocab: int, pos: int, repeats: int, threads: int) -> Dic
             width = min(module._VOCAB_CHUNK, d_vocab)
             out["chunk"] = [min(64, rows), width]
             # One chunk of logits and its float32 temporaries (shifted, weights, their
-            # product, the comparison), and the chunk the target pre-pass reads.
+            # product, the comparison, KL's difference); the guessed target logits are smaller.
             out["buffer_bytes"] = 6 * min(64, rows) * width * 4
             out["result_bytes"] = result_bytes(readout)
             out["tensor_peak"] = tensor_peak(function)

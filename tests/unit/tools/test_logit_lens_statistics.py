@@ -6,6 +6,7 @@ statistics; ``statistics_only`` is checked against the default mode on a 50,257-
 in every dtype, on small bridges built from configs (no Hub download).
 """
 
+import importlib
 import warnings
 from typing import Dict, List, Tuple
 
@@ -150,6 +151,34 @@ def test_statistics_match_the_naive_computation_at_odd_chunk_sizes():
         torch.testing.assert_close(result.readout.target_probs, naive["target_probs"])
         assert torch.equal(result.readout.target_ranks, naive["ranks"])
         assert torch.equal(result.kl_to_final[-1], torch.zeros_like(result.kl_to_final[-1]))
+
+
+def test_a_guessed_target_logit_that_misses_is_counted_again(gpt2, monkeypatch):
+    """Ranks count against each target's logit as its own vocabulary chunk rounds it."""
+    _, cache = gpt2.run_with_cache(TOKENS[:, :-1])
+    for kl in (False, True):
+        common = dict(positions=None, targets=TOKENS[:, 1:], kl_to_final=kl, statistics_only=True)
+        expected = logit_lens(cache, **common).readout.target_ranks
+        module = importlib.import_module(logit_lens.__module__)
+        guess = module._guess_target_logits
+        monkeypatch.setattr(module, "_guess_target_logits", lambda *args: guess(*args) - 1.0)
+        assert torch.equal(logit_lens(cache, **common).readout.target_ranks, expected)
+        monkeypatch.undo()
+
+
+def test_kl_and_target_probs_differentiate_through_a_lens(gpt2):
+    _, cache = gpt2.run_with_cache(TOKENS[:, :-1])
+    shift, targets = torch.zeros(32, requires_grad=True), TOKENS[:, -1]
+    lens = lambda entry, index: entry + shift  # noqa: E731
+    result = logit_lens(cache, lens=lens, targets=targets, kl_to_final=True, enable_grad=True)
+    (result.kl_to_final.sum() + result.readout.target_probs.sum()).backward()
+    ours, shift.grad = shift.grad, None
+    stack = cache.accumulated_resid(pos_slice=-1)  # the reference: the final entry, no lens
+    stack = cache.apply_ln_to_stack(torch.cat([stack + shift, stack[-1:]]), recompute_ln=True)
+    log_probs = (stack @ gpt2.W_U + gpt2.b_U).log_softmax(-1)
+    kl = (log_probs[-1].exp() * (log_probs[-1] - log_probs[:-1])).sum()
+    (kl + log_probs[:-1].gather(-1, targets.expand(4, 2)[..., None]).exp().sum()).backward()
+    torch.testing.assert_close(ours, shift.grad, atol=1e-4, rtol=1e-3)
 
 
 def test_default_calls_keep_their_values_and_add_target_probs(gpt2):
