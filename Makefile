@@ -28,7 +28,7 @@ EDITED_LIBRARY_FILES = $(shell cd $(FORK) && git diff --name-only upstream HEAD 
 UPSTREAM_TESTS = $(shell python3 tools/pull_requests.py upstream-tests)
 
 .PHONY: setup venv fork link example test lint format patches patches-check upstream-compare \
-	upstream-compare-full backport-check constraints clean
+	upstream-compare-full constraints clean
 
 ## setup: create the virtualenv with pinned dependencies, build the fork, run the offline example
 setup: fork example
@@ -95,10 +95,6 @@ upstream-compare: $(PRISTINE)/.git link
 upstream-compare-full: $(PRISTINE)/.git link
 	$(PY) tools/compare_suites.py --pristine $(PRISTINE) --fork $(FORK) \
 		--report-dir build/compare-full -m "not slow" tests/unit tests/integration
-
-## backport-check: the frozen 2.17.0 series still applies to the pinned 2.17.0 release
-backport-check:
-	PYTHON=$(PY) backport-2.17/check.sh
 
 ## constraints: re-pin every package after a change to requirements/*.txt
 constraints:
