@@ -10,7 +10,17 @@ Subcommands:
              code it touches. Writes dist/<pr>/CHECK.md.
 
 A series is the manifest's commits of the PR, in order. Each PR is stacked on the ones before it.
-Identity, dates and git configuration are fixed, so a rerun gives the same bytes.
+
+Each exported commit is authored by the person exporting: PR_AUTHOR_NAME and PR_AUTHOR_EMAIL from
+the environment where set, otherwise `git config user.name` and `user.email` as this repository
+reads them. Where neither gives a name and an e-mail, `export` stops and says which settings to
+make: upstream's history would carry whatever identity the patches have, so there is no fallback.
+(patches/ keeps the build's neutral identity, which never reaches dist/.)
+
+Each commit is dated by this repository's history: the author date of the last commit here that
+changed the files it is made of (its patches in patches/<pr>/, the files it adds). That is when
+the change was made, and it stays the same on a rerun, so one exporter's reruns give the same
+bytes. Files with uncommitted changes have no such date: the commit is dated now, and a note says so.
 """
 
 from __future__ import annotations
@@ -21,11 +31,14 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pull_requests import PULL_REQUESTS, Commit, PullRequest  # noqa: E402
-from series import ENV  # noqa: E402  (fixed git identity and dates, shared with patches/)
+
+# The build's neutral identity, shared with patches/; dist/ commits are the exporter's.
+from series import ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "pr" / "series"
@@ -63,11 +76,93 @@ def patch_of(pr: PullRequest, path: str) -> Path:
     )
 
 
-def commit_one(tree: Path, pr: PullRequest, commit: Commit) -> None:
-    """An edits-only commit takes each patch as it is; otherwise one commit with our message."""
+AUTHOR_SETTINGS = {
+    "name": ("PR_AUTHOR_NAME", "user.name"),
+    "email": ("PR_AUTHOR_EMAIL", "user.email"),
+}
+
+
+def exporter() -> tuple[str, str]:
+    """(name, e-mail) of the person exporting: PR_AUTHOR_* where set, else this repository's git
+    config. Stops, naming the settings, where either is missing."""
+    found = {}
+    for field, (variable, key) in AUTHOR_SETTINGS.items():
+        value = os.environ.get(variable, "").strip()
+        if not value:
+            config = subprocess.run(
+                ["git", "config", key], cwd=ROOT, capture_output=True, text=True, check=False
+            )
+            value = config.stdout.strip()
+        found[field] = value
+    missing = [field for field, value in found.items() if not value]
+    if missing:
+        examples = {"name": "'Your Name'", "email": "you@example.org"}
+        commands = "; ".join(
+            f"git config {AUTHOR_SETTINGS[field][1]} {examples[field]}" for field in missing
+        )
+        variables = " and ".join(AUTHOR_SETTINGS[field][0] for field in missing)
+        raise SystemExit(
+            f"make pr: the exported patches are authored by whoever exports them (upstream's "
+            f"history keeps that), and no author {' or '.join(missing)} is set: run `{commands}` "
+            f"in this repository, or set {variables} in the environment (PR_AUTHOR_NAME and "
+            "PR_AUTHOR_EMAIL take precedence over git's config)"
+        )
+    return found["name"], found["email"]
+
+
+def source_files(pr: PullRequest, commit: Commit) -> list[str]:
+    """The files of this repository an exported commit is made of: its patches and added files."""
+    patches = [str(patch_of(pr, path).relative_to(ROOT)) for path in commit.edits]
+    return patches + (added_files(commit.adds) if commit.adds else [])
+
+
+def commit_date(pr: PullRequest, commit: Commit) -> str:
+    """Author date of the last commit of this repository that changed the commit's files; now
+    (with a note) where any of them has uncommitted changes."""
+    files = source_files(pr, commit)
+    dirty = git(ROOT, "status", "--porcelain", "--untracked-files=all", "--", *files)
+    last = git(ROOT, "log", "-1", "--format=%aI", "--", *files).strip()
+    if dirty.strip() or not last:
+        changed = sorted({line[3:] for line in dirty.splitlines() if line} or set(files))
+        print(
+            f"note: dist/{pr.name}: a commit dated now, as files it is made of have uncommitted "
+            f"changes (commit them for the date of their commit): {', '.join(changed)}"
+        )
+        return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return last
+
+
+def identity_env(author: tuple[str, str], date: str) -> dict[str, str]:
+    """Git's environment for a commit authored and committed by `author` at `date`."""
+    name, email = author
+    return {
+        "GIT_AUTHOR_NAME": name,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_AUTHOR_DATE": date,
+        "GIT_COMMITTER_NAME": name,
+        "GIT_COMMITTER_EMAIL": email,
+        "GIT_COMMITTER_DATE": date,
+    }
+
+
+def commit_one(tree: Path, pr: PullRequest, commit: Commit, author: tuple[str, str]) -> None:
+    """An edits-only commit takes each patch's message; otherwise one commit with our message.
+    Either way the commit is the exporter's, dated by this repository's history."""
+    env = identity_env(author, commit_date(pr, commit))
     if not commit.adds:
         for path in commit.edits:
-            git(tree, "am", "--quiet", "--committer-date-is-author-date", str(patch_of(pr, path)))
+            git(tree, "am", "--quiet", str(patch_of(pr, path)))
+            # `git am` takes the patch's author (the build's neutral one): make it the exporter's.
+            run(
+                "git",
+                "commit",
+                "--quiet",
+                "--amend",
+                "--no-edit",
+                "--reset-author",
+                cwd=tree,
+                env=env,
+            )
         return
     for path in commit.edits:
         git(tree, "apply", "--index", str(patch_of(pr, path)))
@@ -77,7 +172,7 @@ def commit_one(tree: Path, pr: PullRequest, commit: Commit) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((ROOT / path).read_bytes())
     git(tree, "add", "--", *files)
-    git(tree, "commit", "--quiet", "-m", commit.message)
+    run("git", "commit", "--quiet", "-m", commit.message, cwd=tree, env=env)
 
 
 def category(path: str) -> str:
@@ -144,6 +239,7 @@ def left_out() -> str:
 
 
 def export() -> None:
+    author = exporter()
     tree = WORK
     pristine(tree)
     for pr in PULL_REQUESTS:
@@ -154,7 +250,7 @@ def export() -> None:
         out.mkdir(parents=True, exist_ok=True)
         start = git(tree, "rev-parse", "HEAD").strip()
         for commit in pr.commits:
-            commit_one(tree, pr, commit)
+            commit_one(tree, pr, commit, author)
         git(
             tree,
             "format-patch",

@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pull_requests import PULL_REQUESTS, PullRequest, pull_requests_editing  # noqa: E402
 
+# The build's neutral identity, for patches/ and build/fork only: `make pr` (tools/export_pr.py)
+# writes dist/ authored by the person exporting.
 ENV = {
     "GIT_AUTHOR_NAME": "transformer-lens fork build",
     "GIT_AUTHOR_EMAIL": "fork-build@localhost",
