@@ -10,9 +10,10 @@ conventions of ``ActivationCache.accumulated_resid`` and compares them:
   acts as a softmax temperature ``T = cached scale / own scale`` on each layer.
 
 Per layer it reports the entropy of the lens distribution, its KL divergence from the final
-layer's distribution and the temperature, averaged over the positions of each window and then
-summarized over windows (mean and 10th-90th percentile), and writes three SVG figures and a CSV
-table to ``--out-dir``. Entropy and KL are in nats (natural logarithms), the unit of the logit-lens
+layer's distribution and the temperature, averaged over the positions of each sequence (a window
+of the text file, or a prompt) and then summarized over the sequences (mean and 10th-90th
+percentile), and writes three SVG figures and a CSV table to ``--out-dir``; every label says
+which sequences the data are from. Entropy and KL are in nats (natural logarithms), the unit of the logit-lens
 tool ``transformer_lens.tools.analysis.logit_lens``. The figures need matplotlib; the script checks
 for it before doing any work.
 
@@ -41,6 +42,7 @@ import importlib.util
 import math
 import os
 import sys
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,7 @@ COLORS = {"fresh": "#1f77b4", "cached": "#d62728"}
 FIGURES = ("entropy_per_layer", "kl_to_final_per_layer", "temperature_per_layer")
 # The 4-layer GPT-2 this repository ships (reference_model/README.md): loads offline.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "reference_model" / "weights")
+DEFAULT_MODEL_LABEL = "reference model (4-layer GPT-2 trained on Python stdlib docstrings)"
 DEFAULT_PROMPT = "Return the list of"
 DEFAULT_OUT_DIR = "logit_lens_output"
 
@@ -233,10 +236,42 @@ def text_windows(model, text: str, windows: int, window_len: int) -> torch.Tenso
     return torch.cat([bos, rows.to(bos.device)], dim=1)
 
 
+def mean_label(n: int, unit: str) -> str:
+    """What a plotted mean is over: ``n`` sequences of kind ``unit`` ("window" or "prompt")."""
+    if n == 1:
+        return f"mean over the {unit}'s positions"
+    return f"mean over {n} {unit}s"
+
+
+def layer0_caption(stats: Dict[str, LayerStats]) -> Optional[str]:
+    """Why the fresh lens has the larger KL at the first entry, where the data shows it does."""
+    label = stats["fresh"].labels[0]
+    fresh_kl = float(stats["fresh"].kl_nats[:, 0].mean())
+    cached_kl = float(stats["cached"].kl_nats[:, 0].mean())
+    temperature = float(stats["fresh"].temperature[:, 0].mean())
+    if not (fresh_kl > cached_kl and temperature > 1):
+        return None
+    return (
+        f"At {label} the residual is the embedding alone, far from what the model outputs, so the "
+        f"fresh lens is far from the final distribution (mean KL {fresh_kl:.1f} nats). The cached "
+        f"scale divides its logits by T (mean {temperature:.1f}), flattening them toward uniform: "
+        f"that lowers the KL ({cached_kl:.1f} nats) without reading {label} any better."
+    )
+
+
 def plot(
-    stats: Dict[str, LayerStats], out_dir: Path, title: str, source: str, vocab_size: int
+    stats: Dict[str, LayerStats],
+    out_dir: Path,
+    title: str,
+    source: str,
+    unit: str,
+    vocab_size: int,
 ) -> List[Path]:
-    """Writes the three figures as SVG files and returns their paths."""
+    """Writes the three figures as SVG files and returns their paths.
+
+    ``unit`` names what each row of the statistics is ("window" or "prompt"): the spreads and
+    the means are over those rows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,7 +293,11 @@ def plot(
             conventions = ["fresh"] if field == "temperature" else list(CONVENTIONS)
             for conv in conventions:
                 s = summarize(getattr(stats[conv], field))
-                label = "mean over windows" if field == "temperature" else CONVENTION_LABELS[conv]
+                label = (
+                    mean_label(n_windows, unit)
+                    if field == "temperature"
+                    else CONVENTION_LABELS[conv]
+                )
                 ax.plot(x, s["mean"], marker="o", color=COLORS[conv], label=label)
                 if n_windows > 1:
                     ax.fill_between(x, s["p10"], s["p90"], color=COLORS[conv], alpha=0.2)
@@ -281,11 +320,17 @@ def plot(
             ax.set_xticks(x, labels)
             ax.set_xlabel("residual stream read (accumulated_resid label)")
             ax.set_ylabel(ylabel)
-            band = "; band: 10th-90th percentile over windows" if n_windows > 1 else ""
+            band = f"; band: 10th-90th percentile over {unit}s" if n_windows > 1 else ""
             ax.set_title(f"{title}\n{source}{band}", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=9, loc="lower right" if field == "entropy_nats" else "upper right")
-            fig.tight_layout()
+            caption = layer0_caption(stats) if field == "kl_nats" else None
+            if caption:
+                # Under the axes, so that the figure explains its first point wherever it is shown.
+                fig.text(0.01, 0.01, textwrap.fill(caption, 120), fontsize=8, va="bottom")
+                fig.tight_layout(rect=(0, 0.1, 1, 1))
+            else:
+                fig.tight_layout()
             path = out_dir / f"{name}.svg"
             fig.savefig(path, metadata={"Date": None})
             plt.close(fig)
@@ -300,7 +345,7 @@ def write_csv(stats: Dict[str, LayerStats], path: Path) -> None:
         writer = csv.writer(f)
         header = ["convention", "layer"]
         header += [f"{field}_{q}" for field in fields for q in ("mean", "p10", "p90")]
-        writer.writerow(header + ["windows"])
+        writer.writerow(header + ["sequences"])
         for conv, st in stats.items():
             summaries = {field: summarize(getattr(st, field)) for field in fields}
             for i, label in enumerate(st.labels):
@@ -310,12 +355,12 @@ def write_csv(stats: Dict[str, LayerStats], path: Path) -> None:
                 writer.writerow(row + [st.entropy_nats.shape[0]])
 
 
-def format_table(stats: Dict[str, LayerStats]) -> str:
-    """A plain-text table of the per-layer means."""
+def format_table(stats: Dict[str, LayerStats], unit: str) -> str:
+    """A plain-text table of the per-layer means over the ``unit`` rows ("window", "prompt")."""
     fresh, cached = stats["fresh"], stats["cached"]
     lines = [
         f"{'layer':>10} | {'H fresh':>8} {'H cached':>8} | {'KL fresh':>8} {'KL cached':>9} | "
-        f"{'T':>6}   (means over {fresh.entropy_nats.shape[0]} window(s); nats)"
+        f"{'T':>6}   ({mean_label(fresh.entropy_nats.shape[0], unit)}; nats)"
     ]
     for i, label in enumerate(fresh.labels):
         lines.append(
@@ -337,7 +382,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="local directory or Hugging Face model name (default: the shipped reference model)",
     )
     parser.add_argument(
-        "--model-label", help="name of the model in figure titles (default: --model)"
+        "--model-label",
+        help="name of the model in figure titles (default: the name of --model's folder, or the "
+        "Hub name; for the shipped model, 'reference model (...)')",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -442,6 +489,16 @@ def prepare_out_dir(out: Path) -> None:
         raise UsageError(f"--out-dir {out} is not writable: pick another folder") from None
 
 
+def model_label(name: str) -> str:
+    """The model's name for figure titles: never a local absolute path."""
+    path = Path(name)
+    if path.is_dir():
+        if path.resolve() == Path(DEFAULT_MODEL).resolve():
+            return DEFAULT_MODEL_LABEL
+        return path.resolve().name
+    return name
+
+
 def load_model(name: str, device: str):
     """A bridge in compatibility mode, so that the final norm is folded into the unembedding."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -472,17 +529,19 @@ def run(args: argparse.Namespace) -> Dict[str, LayerStats]:
         tokens = text_windows(model, text, args.windows, args.window_len).to(args.device)
         batches = tokens.split(args.batch_size)
         source = f"{tokens.shape[0]} windows of {tokens.shape[1]} tokens from {args.text_file.name}"
+        unit = "window"
     else:
         batches = [tokenize_prompt(model, p) for p in args.prompt]
         for prompt, tokens in zip(args.prompt, batches):
             shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
             print(f"prompt {shown!r} ({tokens.shape[1]} tokens with bos)")
             print(top_tokens_table(model, tokens, args.top_k))
-        source = f"{len(batches)} prompt(s)"
+        source = f"{len(batches)} prompts" if len(batches) > 1 else f"the prompt {shown!r}"
+        unit = "prompt"
     stats = merge([lens_statistics(model, b) for b in batches])
-    print(format_table(stats))
-    title = args.model_label or args.model
-    paths = plot(stats, args.out_dir, title, source, model.cfg.d_vocab)
+    print(format_table(stats, unit))
+    title = args.model_label or model_label(args.model)
+    paths = plot(stats, args.out_dir, title, source, unit, model.cfg.d_vocab)
     write_csv(stats, args.out_dir / "logit_lens_stats.csv")
     print(f"wrote {', '.join(p.name for p in paths)} and logit_lens_stats.csv to {args.out_dir}")
     return stats

@@ -20,7 +20,7 @@ numbers behind the figures rather than the SVG bytes, which change with the CPU 
 the 4th-6th decimal, and the SVG element ids that hash the drawn paths). It fails if:
 
 * the redrawn CSV lacks a column or a (convention, layer) row of the committed one, or has extra
-  ones, or the text cells (convention, layer, windows) differ;
+  ones, or the text cells (convention, layer, sequences) differ;
 * a number differs from the committed one by more than ``--atol`` (default 1e-3) in the plotted
   units (nats for entropy and KL, a ratio for the temperature);
 * a committed SVG is not redrawn.
@@ -55,7 +55,7 @@ OUT_DIR = ROOT / "examples" / "figures"
 WINDOWS = 256
 WINDOW_LEN = 64
 CSV_NAME = "logit_lens_stats.csv"
-TEXT_COLUMNS = ("convention", "layer", "windows")
+TEXT_COLUMNS = ("convention", "layer", "sequences")
 DEFAULT_ATOL = 1e-3
 
 
