@@ -3,7 +3,9 @@
 Repository-only: it runs ``examples/logit_lens_demo.py`` on the shipped reference model.
 """
 
+import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,8 +118,51 @@ def test_default_run_uses_the_shipped_model_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "prompt 'Return the list of'" in result.stdout, result.stdout
-    written = sorted(p.name for p in (tmp_path / "logit_lens_output").iterdir())
+    out = tmp_path / "logit_lens_output"
+    written = sorted(p.name for p in out.iterdir())
     assert "logit_lens_stats.csv" in written and "entropy_per_layer.svg" in written, written
+    # One prompt: every label says so, and the title names the model, not its folder's path.
+    labels = svg_texts(out / "temperature_per_layer.svg")
+    assert "mean over the prompt's positions" in labels, labels
+    assert not any("window" in text for text in labels), labels
+    for svg in out.glob("*.svg"):
+        texts = svg_texts(svg)
+        assert "reference model (4-layer GPT-2 trained on Python stdlib docstrings)" in texts
+        assert not any(str(MODEL) in text or "/" + MODEL.name in text for text in texts), texts
+    assert {row["sequences"] for row in csv_rows(out / "logit_lens_stats.csv")} == {"1"}
+
+
+def svg_texts(path: Path) -> list:
+    """The text elements of an SVG the script drew (matplotlib keeps text as text there)."""
+    return [t for t in re.findall(r">([^<>]+)</text>", path.read_text()) if t.strip()]
+
+
+def csv_rows(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_windows_of_a_text_file_are_labelled_as_windows(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(SCRIPT.read_text(encoding="utf-8"), encoding="utf-8")  # varied English
+    out = tmp_path / "figures"
+    result = run(
+        "--text-file", str(text), "--windows", "4", "--window-len", "16", "--out-dir", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mean over 4 windows" in svg_texts(out / "temperature_per_layer.svg")
+    title = "4 windows of 16 tokens from text.txt; band: 10th-90th percentile over windows"
+    assert title in svg_texts(out / "entropy_per_layer.svg")
+    assert {row["sequences"] for row in csv_rows(out / "logit_lens_stats.csv")} == {"4"}
+    # The KL figure explains its first point where the fresh lens has the larger KL there.
+    rows = {(r["convention"], r["layer"]): r for r in csv_rows(out / "logit_lens_stats.csv")}
+    fresh = float(rows["fresh", "0_pre"]["kl_nats_mean"])
+    cached = float(rows["cached", "0_pre"]["kl_nats_mean"])
+    temperature = float(rows["fresh", "0_pre"]["temperature_mean"])
+    caption = " ".join(svg_texts(out / "kl_to_final_per_layer.svg"))
+    assert ("At 0_pre the residual is the embedding" in caption) == (
+        fresh > cached and temperature > 1
+    ), caption
 
 
 def test_hub_model_offline_is_one_line_naming_it_and_how_to_run_offline(tmp_path: Path) -> None:
