@@ -13,9 +13,9 @@ Per layer it reports the entropy of the lens distribution, its KL divergence fro
 layer's distribution and the temperature, averaged over the positions of each sequence (a window
 of the text file, or a prompt) and then summarized over the sequences (mean and 10th-90th
 percentile), and writes three SVG figures and a CSV table to ``--out-dir``; every label says
-which sequences the data are from. Entropy and KL are in nats (natural logarithms), the unit of the logit-lens
-tool ``transformer_lens.tools.analysis.logit_lens``. The figures need matplotlib; the script checks
-for it before doing any work.
+which sequences the data are from. Entropy and KL are in nats (natural logarithms), the unit of
+the logit-lens tool ``transformer_lens.tools.analysis.logit_lens``. The figures need matplotlib;
+the script checks for it before doing any work.
 
 Repository-only (not part of the pull requests). Examples, from the repository root::
 
