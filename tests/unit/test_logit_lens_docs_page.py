@@ -1,7 +1,11 @@
 """Runs the recipes of docs/source/content/logit_lens.md and checks their printed output.
 
 The page's ``python`` blocks that hold ``>>>`` examples run in order in one namespace, as one
-doctest, on a small GPT-2 bridge built from a config (no download). The page's first recipe (the
+doctest, on a small GPT-2 bridge built from a config (no download), whose weights the page draws
+from a seeded ``torch.Generator``: the printed output does not depend on the ``transformers``
+version. The blocks are read out of the Markdown here, rather than by pytest's ``--doctest-glob``:
+upstream's test jobs collect ``tests/`` and ``transformer_lens/`` only, and a doctest of the whole
+file would read each closing fence as expected output. The page's first recipe (the
 lens and its logits) is also run, as the page writes it, on a soft-capped Gemma-2 and on a Granite
 with ``logits_scaling``, both built from configs: its last row must give the model's own
 log-probabilities there too. The lens and cached-scale recipes also run, as written, on a
@@ -28,8 +32,16 @@ LOG_PROB_ATOL = 1e-5
 
 
 def page_examples() -> str:
-    blocks = [b for b in BLOCK.findall(PAGE.read_text(encoding="utf-8")) if ">>>" in b]
-    return "\n".join(blocks)
+    """The page's ``python`` blocks that hold ``>>>`` examples, each line at its line of the page
+    and every other line blank, so that a failure names the page's line."""
+    text = PAGE.read_text(encoding="utf-8")
+    lines = [""] * (text.count("\n") + 1)
+    for block in BLOCK.finditer(text):
+        if ">>>" in block.group(1):
+            first = text.count("\n", 0, block.start(1))
+            for offset, line in enumerate(block.group(1).splitlines()):
+                lines[first + offset] = line
+    return "\n".join(lines)
 
 
 def recipe(prefixes=FIRST_RECIPE) -> str:
@@ -58,6 +70,28 @@ def test_page_recipes_run_with_the_printed_output():
         torch.set_grad_enabled(grad_enabled)
     if runner.failures:
         pytest.fail("".join(failures), pytrace=False)
+
+
+def test_page_model_weights_do_not_depend_on_hugging_face_initialization():
+    # The page builds its model from a config, then draws every weight from its own generator: a
+    # different global seed (so different Hugging Face initial weights) gives the same model.
+    examples = doctest.DocTestParser().get_examples(page_examples())
+    end = next(i for i, e in enumerate(examples) if e.source.startswith("model = "))
+    setup = "".join(e.source for e in examples[:end])
+    assert "hf_model = " in setup and "torch.Generator()" in setup, setup
+    weights = []
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            namespace: dict = {}
+            exec(setup, namespace)
+            weights.append(namespace["hf_model"].state_dict())
+    finally:
+        torch.set_grad_enabled(grad_enabled)
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
 
 
 SMALL = dict(
