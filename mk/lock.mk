@@ -28,11 +28,19 @@ lock-test: lock-venv $(HUB_CACHE_STAMP)
 		$(LOCK_PY) -m pytest -p no:cacheprovider -m slow $(OUR_TESTS) $(ACCEPTANCE_TESTS) \
 		|| [ $$? = 5 ]   # 5: no test is marked slow
 
-## upstream-jobs: upstream's `make docstring-test` and `mypy .` on the stacked tree and pristine
-## 4.3.0, in build/lock-venv; fails on a failure or error the stacked tree has and pristine lacks
+# docstring, mypy and format by default; CI leaves out format, which `make lint` runs on the same
+# tree with the same tools and configuration, and fails on any file (so on any new one).
+UPSTREAM_JOBS ?=
+UPSTREAM_JOBS_DIR := build/upstream-jobs
+
+## upstream-jobs: upstream's `make docstring-test`, `mypy .` and `make check-format` on the stacked
+## tree and pristine 4.3.0, in build/lock-venv; fails on a failure or error pristine lacks
+# On a copy of the stacked tree, so that CI can run it beside steps that re-export build/pr.
 upstream-jobs: lock-venv pr $(PRISTINE)/.git
-	$(LOCK_PY) tools/upstream_jobs.py --pristine $(PRISTINE) --stacked $(STACKED) \
-		--report-dir build/upstream-jobs $(UPSTREAM_JOBS)
+	rm -rf $(UPSTREAM_JOBS_DIR)/stacked && mkdir -p $(UPSTREAM_JOBS_DIR)
+	cp -a $(STACKED) $(UPSTREAM_JOBS_DIR)/stacked
+	$(LOCK_PY) tools/upstream_jobs.py --pristine $(PRISTINE) --stacked $(UPSTREAM_JOBS_DIR)/stacked \
+		--report-dir $(UPSTREAM_JOBS_DIR) $(UPSTREAM_JOBS)
 
 ## py310-check: the series' Python files use no syntax or standard library newer than 3.10 (vermin)
 py310-check: link

@@ -58,7 +58,9 @@ def docstring(tree: Path, report: Path) -> tuple[Counter, str]:
 
 
 def mypy(tree: Path, report: Path) -> tuple[Counter, str]:
-    cache = report.with_name(report.stem + "-cache").resolve()
+    # One cache for both trees: most of the work is torch and transformers, the same in both; mypy
+    # rechecks a module whose file differs from the cached one (its hash is in the cache).
+    cache = report.with_name("mypy-cache").resolve()
     done = run(tree, sys.executable, "-m", "mypy", "--cache-dir", str(cache), ".")
     report.write_text(done.stdout + done.stderr)
     errors: Counter = Counter()
