@@ -62,8 +62,9 @@ test: link
 	$(PY) -m pytest -p no:cacheprovider checks
 
 ## lint: upstream's `make check-format` (pycln, isort, black with its config) on the exported
-## tree (pristine 4.3.0 + every series, real files), then mypy on the library files the series edit
-lint: pr
+## tree (pristine 4.3.0 + every series, real files), mypy on the library files the series edit,
+## and vermin's Python 3.10 check of the series' files (mk/lock.mk)
+lint: pr py310-check
 	cd build/pr/series && $(abspath $(PY)) -m pycln --check --all . --exclude "__init__.py"
 	cd build/pr/series && $(abspath $(PY)) -m isort --check-only .
 	cd build/pr/series && $(abspath $(PY)) -m black --check .
