@@ -118,19 +118,20 @@ PULL_REQUESTS = (
     ),
     PullRequest(
         "pr3",
-        "Logit lens: KL to the final layer, target probabilities, and statistics_only",
+        "Logit lens: KL to the model's output and target probabilities",
         (
             Commit(edits=("transformer_lens/tools/analysis/logit_lens.py",)),
             Commit(edits=("docs/source/content/analysis_tools.md",)),
             Commit(
-                "Test the logit-lens statistics against log_softmax and the default mode\n\n"
-                "The naive full computation is the reference for entropy, KL and target\n"
-                "probabilities; statistics_only ranks and top-k logits equal the default\n"
-                "mode's (torch.equal) in float32, bfloat16 and float16 on a 50,257-token\n"
-                "vocabulary with a non-zero b_U and on a soft-capped Gemma-2; calls without the\n"
-                "new options equal 4.3.0's loop; targets with an entry axis work with KL; bad\n"
-                "options fail before the forward pass; no matmul takes more than chunk_size\n"
-                "rows; no hook fires, and a hook on ln_final is named in a warning.",
+                "Test kl_to_final and target_probs against the tool's own log-probs\n\n"
+                "KL matches a naive KL from the tool's full-vocabulary log-probs at every\n"
+                "stack shape the tool accepts (batched, int batch_slice, batchless cache,\n"
+                "positions -1 / None / slice, incl_mid, layers without the final entry,\n"
+                "apply_ln=False, a lens, chunks smaller than the entries), with per-row\n"
+                "targets with and without an entry axis, in float32, bfloat16 and float16\n"
+                "(a 50,257-token vocabulary under slow); 0 at the final entry; gradients\n"
+                "through a lens; bad options fail before the forward pass; no matmul takes\n"
+                "more than chunk_size rows; no hook fires, and a hook on ln_final is named.",
                 adds=("tests/unit/tools/test_logit_lens_statistics.py",),
             ),
         ),
