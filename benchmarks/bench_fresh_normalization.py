@@ -1,22 +1,26 @@
 #!/usr/bin/env python3
-"""Fresh normalization against 4.3.0's per-entry loop, the cached scale and a fused kernel.
+"""Fresh normalization walked and in one call, against 4.3.0's per-entry loop and the cached scale.
 
 On GPT-2-small-shaped caches (raw and compatibility mode) and a Llama-shaped one, times
-``apply_ln_to_stack`` on the whole accumulated-residual stack, all in the same process:
+``apply_ln_to_stack`` on the whole accumulated-residual stack, every case interleaved in the same
+process:
 
-- fresh: the fork's ``recompute_ln=True`` (``normalize_without_hooks``: the norm's own forward,
-  hooks bypassed, walked a few rows at a time);
+- walked: ``recompute_ln=True`` as PR 1 runs it (``normalize_without_hooks``: the norm's own
+  forward, hooks bypassed, walked a few rows at a time);
+- one call: the same code with the walk's step above the stack's size, so the norm's forward runs
+  once over the whole stack (what the walk is measured against);
 - 4.3.0 loop: pristine 4.3.0's own ``ActivationCache.apply_ln_to_stack(recompute_ln=True)``, loaded
   from the unpacked release, which calls ``ln_final`` once per stack entry (hooks fire);
 - cached: ``recompute_ln=False`` (centre, divide by ``ln_final.hook_scale``);
-- fused: what an earlier version of the PR did instead, one ``F.layer_norm`` (or one RMS
-  expression) over the whole stack with the norm's weight and bias: faster, but not the norm's
-  own arithmetic, so it differs from 4.3.0 in the last bits. Kept here only to price exactness.
+- fused: one ``F.layer_norm`` (or one RMS expression) over the whole stack with the norm's weight
+  and bias: not the norm's own arithmetic, so it differs from 4.3.0 in the last bits. Kept only to
+  price exactness.
 
-Each time is the median of repeated runs after a warm-up. Peak extra memory is the peak of what
-the call has allocated and not yet freed, output included, from the allocation events of torch's
-profiler. ``--quick`` uses CI sizes and prints only; otherwise the table is written to
-benchmarks/RESULTS.md.
+Each time is the median of repeated runs after a warm-up, the cases of a model taking turns in
+every repeat. Peak extra memory is the peak resident size during the call minus the size before,
+output included. ``--quick`` uses CI sizes and prints only; otherwise the section is written to
+benchmarks/RESULTS.md: the table and a line saying how it was measured (what a pull request's
+description shows), then bullet lines for this repository only.
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from transformer_lens import ActivationCache
+from transformer_lens.model_bridge.generalized_components import normalization
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,14 +69,32 @@ def pristine_cache_class() -> type:
     return module.ActivationCache
 
 
-def median_ms(function: Callable[[], object], repeats: int) -> float:
-    function()  # warm-up
-    times = []
+def median_ms(calls: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median milliseconds of each call; the calls take turns in every repeat, so that a slow
+    spell of a shared machine falls on all of them alike."""
+    for call in calls.values():
+        call()  # warm-up
+    times: Dict[str, List[float]] = {case: [] for case in calls}
     for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+        for case, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[case].append((time.perf_counter() - started) * 1000)
+    return {case: statistics.median(values) for case, values in times.items()}
+
+
+def in_one_call(call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``call`` with the row walk's step above any stack's size: the norm runs once over it."""
+
+    def run() -> torch.Tensor:
+        step = normalization._ROWS_PER_STEP_BYTES
+        normalization._ROWS_PER_STEP_BYTES = 1 << 62
+        try:
+            return call()
+        finally:
+            normalization._ROWS_PER_STEP_BYTES = step
+
+    return run
 
 
 def _status_bytes(field: str) -> int:
@@ -113,8 +135,10 @@ def fused(norm, stack: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(stack, stack.shape[-1:], weight, bias, eps)
 
 
-def bench_model(name: str, model, tokens: torch.Tensor, repeats: int) -> Callable[[], str]:
-    """Times every case now; returns what measures memory and writes the row, to call later."""
+def bench_model(
+    name: str, model, tokens: torch.Tensor, repeats: int
+) -> Callable[[], Tuple[str, str]]:
+    """Times every case now; returns what measures memory and writes the row and the note."""
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
     stack = cache.accumulated_resid()
@@ -124,18 +148,20 @@ def bench_model(name: str, model, tokens: torch.Tensor, repeats: int) -> Callabl
     def count(tensor, hook):
         hook_calls[0] += 1
 
+    walked = lambda: cache.apply_ln_to_stack(stack, recompute_ln=True)  # noqa: E731
     calls = {
-        "fresh": lambda: cache.apply_ln_to_stack(stack, recompute_ln=True),
+        "walked": walked,
+        "one call": in_one_call(walked),
         "loop": lambda: pristine.apply_ln_to_stack(stack, recompute_ln=True),
         "cached": lambda: cache.apply_ln_to_stack(stack, recompute_ln=False),
         "fused": lambda: fused(model.ln_final, stack),
     }
-    ms, hooks = {}, {}
+    hooks = {}
     with torch.no_grad():
-        for case, call in calls.items():
-            ms[case] = median_ms(call, repeats)
+        ms = median_ms(calls, repeats)
         reference = calls["loop"]()
-        same = torch.equal(calls["fresh"](), reference)
+        same = torch.equal(calls["walked"](), reference)
+        same_in_one_call = torch.equal(calls["one call"](), reference)
         fused_off = (calls["fused"]() - reference).abs().max().item()
         # Hook calls per call, counted apart from the timings: with hooks attached, the fresh
         # path also names them in a warning, which is not what a call without hooks pays.
@@ -149,18 +175,22 @@ def bench_model(name: str, model, tokens: torch.Tensor, repeats: int) -> Callabl
                 hooks[case] = hook_calls[0] - before
     model.reset_hooks()
     shape = "×".join(str(d) for d in stack.shape)
-    stack_mib = stack.numel() * stack.element_size() / 2**20
 
-    def row() -> str:
+    def row() -> Tuple[str, str]:
         with torch.no_grad():
-            mib = {case: peak_extra_mib(calls[case]) for case in ("fresh", "loop")}
-        return (
-            f"| {name} | {shape} ({stack_mib:.1f} MiB) | {ms['fresh']:.1f} | {ms['loop']:.1f} | "
-            f"{ms['loop'] / ms['fresh']:.2f}× | {ms['cached']:.1f} | {ms['fused']:.1f} | "
-            f"{ms['fresh'] / ms['fused']:.1f}× | "
-            f"{mib['fresh']:.1f} / {mib['loop']:.1f} | {hooks['fresh']} / {hooks['loop']} | "
-            f"{same} | {fused_off:.1e} |"
+            mib = {case: peak_extra_mib(calls[case]) for case in ("walked", "loop")}
+        table_row = (
+            f"| {name} | {ms['walked']:.1f} | {ms['one call']:.1f} | {ms['loop']:.1f} |"
         )
+        note = (
+            f"- {name}, stack {shape}: `torch.equal` to 4.3.0 walked {same}, in one call "
+            f"{same_in_one_call}; peak extra MiB walked / loop {mib['walked']:.1f} / "
+            f"{mib['loop']:.1f}; "
+            f"hooks fired walked / one call / loop {hooks['walked']} / {hooks['one call']} / "
+            f"{hooks['loop']}; cached {ms['cached']:.1f} ms; fused {ms['fused']:.1f} ms, "
+            f"{fused_off:.1e} max abs off 4.3.0."
+        )
+        return table_row, note
 
     return row
 
@@ -187,7 +217,8 @@ def llama_shaped(quick: bool) -> object:
     return build_bridge_from_module(hf_model, "LlamaForCausalLM", hf_config=config, device="cpu")
 
 
-def machine() -> str:
+def machine() -> Tuple[str, int, str]:
+    """The processor, the number of cores and the load average now."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -196,12 +227,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores, load average {load} at the start (other work shares the "
-        f"cores); {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
-    )
+    return cpu, os.cpu_count() or 0, ", ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def write_section(text: str) -> None:
@@ -228,38 +254,37 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batch, positions, repeats = (1, 32, 5) if args.quick else (4, 256, 15)
     tokens = torch.randint(0, 1000, (batch, positions))
-    header = [
-        "| model | stack | fresh (ms) | 4.3.0 loop (ms) | loop / fresh | cached (ms) | "
-        "fused (ms) | fresh / fused | peak extra MiB: fresh / loop | hooks fired: fresh / loop | "
-        "fresh `torch.equal` 4.3.0 | fused − 4.3.0, max abs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    header = ["| model | walked | one call | 4.3.0 loop |", "| --- | --- | --- | --- |"]
     compatibility_mode = gpt2_small()
     compatibility_mode.enable_compatibility_mode()
-    rows = [
-        bench_model("GPT-2 small, raw", gpt2_small(), tokens, repeats),
-        bench_model("GPT-2 small, compatibility mode", compatibility_mode, tokens, repeats),
-        bench_model("Llama-shaped RMSNorm, raw", llama_shaped(args.quick), tokens, repeats),
+    measured = [
+        bench_model("GPT-2 small", gpt2_small(), tokens, repeats),
+        bench_model("GPT-2 small, folded", compatibility_mode, tokens, repeats),
+        bench_model("Llama-shaped RMSNorm", llama_shaped(args.quick), tokens, repeats),
     ]
     return_freed_memory_at_once()
-    rows = [row() for row in rows]
-    table = "\n".join(header + rows) + "\n"
+    rows, notes = zip(*(row() for row in measured))
+    table = "\n".join(header + list(rows)) + "\n"
     print(table)
+    print("\n".join(notes))
     if args.quick:
         return
+    cpu, cores, load = machine()
     text = (
         f"## {SECTION}\n\n"
-        f"`{Path(sys.argv[0]).name}` (`make bench`), median of {repeats} runs after a warm-up, "
-        f"`apply_ln_to_stack` on the accumulated-residual stack of a random-init model with "
-        f"batch {batch} × {positions} positions, float32, no grad.\n\n"
-        f"Machine: {machine()}.\n\n{table}\n"
-        "fresh = the fork's `recompute_ln=True`; 4.3.0 loop = pristine 4.3.0's "
-        "`apply_ln_to_stack(recompute_ln=True)`, loaded from the release, which calls `ln_final` "
-        "once per stack entry; cached = `recompute_ln=False`; fused = one `F.layer_norm` (or one "
-        "RMS expression) over the whole stack, the earlier version of this PR, which is not the "
-        "norm's own arithmetic (last column); fresh / fused is what exactness costs against it. Peak extra memory: the peak of what the call has "
-        "allocated and not freed, its output included (torch profiler's allocation events). Hooks fired = calls of hooks registered on every hook point, per "
-        "call.\n\n"
+        f"Milliseconds, median of {repeats} interleaved runs, batch {batch} × {positions}, "
+        f"float32, {torch.get_num_threads()} thread(s), {cpu}:\n\n{table}\n"
+        f"- Written by `benchmarks/{Path(sys.argv[0]).name}` (`make bench`), `apply_ln_to_stack` "
+        f"on the accumulated-residual stack, torch {torch.__version__}, Python "
+        f"{platform.python_version()}; {cores} cores, load average {load} at the start. Random-init "
+        "models; GPT-2 small folded = compatibility mode. walked = as PR 1 runs it; one call = "
+        "the same code with the walk's step above the stack's size; 4.3.0 loop = pristine "
+        "4.3.0's `apply_ln_to_stack`, loaded from the release. Peak extra memory: the peak "
+        "resident size during the call minus the size before, output included. Cached: "
+        "`recompute_ln=False`; fused: one `F.layer_norm` (or RMS expression) over the stack, not "
+        "the norm's own arithmetic, to price exactness.\n"
+        + "\n".join(notes)
+        + "\n\n"
     )
     write_section(text)
     print(f"written to {RESULTS.relative_to(ROOT)}")

@@ -387,7 +387,7 @@ def _unfolded(model: TransformerBridge) -> bool:
 
 @pytest.mark.parametrize("pos_slice", [None, -1])
 @pytest.mark.parametrize("incl_mid", [False, True])
-def test_default_is_4_3_0_bit_for_bit(lens, incl_mid, pos_slice, pristine) -> None:
+def test_default_equals_pristine_and_the_per_entry_loop(lens, incl_mid, pos_slice, pristine) -> None:
     model, cache = lens
     theirs = _as_pristine(pristine, cache)
     for layer, mlp_input in TARGETS:
@@ -452,7 +452,7 @@ def test_recompute_false_is_the_cached_scale_at_every_target(lens) -> None:
 
 
 @pytest.mark.parametrize("selector", [dict(top_k=5), dict(targets=[3, 9]), dict()])
-def test_logit_lens_tool_is_4_3_0_bit_for_bit(lens, selector, monkeypatch) -> None:
+def test_logit_lens_tool_equals_itself_with_the_per_entry_loop(lens, selector, monkeypatch) -> None:
     """The tool normalizes through apply_ln_to_stack: its values, entropy, ranks and top-k are
     those of the same call with 4.3.0's loop put back in."""
     model, cache = lens
@@ -629,6 +629,18 @@ def test_recompute_ln_not_a_bool(gpt2, fork_unchecked, recompute_ln) -> None:
     cache = _as_pristine(fork_unchecked, gpt2[1])
     with pytest.raises(ValueError, match="pass True or False together with apply_ln=True"):
         cache.accumulated_resid(apply_ln=True, recompute_ln=recompute_ln)
+
+
+@pytest.mark.parametrize("recompute_ln", [True, False])
+def test_recompute_ln_takes_numpy_bools_as_apply_ln_does(gpt2, fork_unchecked, recompute_ln):
+    """Without the runtime type checker (a user's session), numpy.bool_ is a bool, as for apply_ln."""
+    cache = _as_pristine(fork_unchecked, gpt2[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # recompute_ln=False on raw weights: checked above
+        expected = cache.accumulated_resid(layer=1, apply_ln=True, recompute_ln=recompute_ln)
+        for apply_ln in (True, np.True_):
+            kwargs = dict(layer=1, apply_ln=apply_ln, recompute_ln=np.bool_(recompute_ln))
+            assert torch.equal(cache.accumulated_resid(**kwargs), expected)
 
 
 @pytest.mark.parametrize("recompute_ln", [True, False])

@@ -1,8 +1,9 @@
 """``recompute_ln`` in ``ActivationCache.accumulated_resid`` and ``apply_ln_to_stack``.
 
-``None`` (the default) is 4.3.0 bit for bit; ``True`` is the target norm's own forward on each
-entry at every target, for every kind of norm, hook-free; ``False`` is the target's cached scale.
-The tiny bridges have random norm weights and a residual that grows with depth.
+``None`` (the default) is the target norm on each entry at the unembed and the cached scale
+elsewhere, as 4.3.0 computes them; ``True`` is the target norm's own forward on each entry at every
+target, for every kind of norm, hook-free; ``False`` is the target's cached scale. The tiny
+bridges have random norm weights and a residual that grows with depth.
 """
 
 import warnings
@@ -11,6 +12,10 @@ from typing import Tuple
 import pytest
 import torch
 from transformers import (
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+    Gemma4VisionConfig,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -22,6 +27,9 @@ from transformers import (
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components import normalization
+from transformer_lens.model_bridge.generalized_components.base import (
+    GeneralizedComponent,
+)
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 
 N_LAYERS = 3
@@ -74,8 +82,8 @@ def lens(request) -> Tuple[TransformerBridge, ActivationCache]:
     return model, cache
 
 
-def _loop_of_4_3_0(norm: torch.nn.Module, stack: torch.Tensor) -> torch.Tensor:
-    """4.3.0's apply_ln_to_stack(recompute_ln=True) at the unembed: the norm on each entry."""
+def _norm_on_each_entry(norm: torch.nn.Module, stack: torch.Tensor) -> torch.Tensor:
+    """4.3.0's apply_ln_to_stack(recompute_ln=True) at the unembed: the norm module per entry."""
     return torch.stack([norm(entry) for entry in stack])
 
 
@@ -83,7 +91,7 @@ def _name(layer: int, mlp_input: bool) -> str:
     return "ln_final" if layer == N_LAYERS else f"blocks.{layer}.ln{1 + mlp_input}"
 
 
-def _cached_scale_of_4_3_0(cache: ActivationCache, stack, layer: int, mlp_input: bool):
+def _cached_scale(cache: ActivationCache, stack, layer: int, mlp_input: bool):
     """4.3.0's cached-scale path: centre (LayerNorm models only), divide by hook_scale."""
     if cache.model.cfg.normalization_type in ("LN", "LNPre"):
         stack = stack - stack.mean(dim=-1, keepdim=True)
@@ -91,15 +99,15 @@ def _cached_scale_of_4_3_0(cache: ActivationCache, stack, layer: int, mlp_input:
 
 
 @pytest.mark.parametrize("incl_mid", [False, True])
-def test_default_is_4_3_0_bit_for_bit(lens, incl_mid) -> None:
+def test_default_matches_per_entry_loop_and_cached_scale(lens, incl_mid) -> None:
     model, cache = lens
     for layer, mlp_input in TARGETS:
         kwargs = dict(layer=layer, mlp_input=mlp_input, incl_mid=incl_mid)
         raw = cache.accumulated_resid(**kwargs)
         if layer == N_LAYERS:
-            expected = _loop_of_4_3_0(model.ln_final, raw)
+            expected = _norm_on_each_entry(model.ln_final, raw)
         else:
-            expected = _cached_scale_of_4_3_0(cache, raw, layer, mlp_input)
+            expected = _cached_scale(cache, raw, layer, mlp_input)
         assert torch.equal(cache.accumulated_resid(apply_ln=True, **kwargs), expected)
 
 
@@ -110,14 +118,14 @@ def test_each_option_at_every_target(lens, rows_per_step, monkeypatch) -> None:
         monkeypatch.setattr(normalization, "_ROWS_PER_STEP_BYTES", rows_per_step * 4 * 32)
     for layer, mlp_input in TARGETS:
         raw = cache.accumulated_resid(layer=layer, mlp_input=mlp_input, incl_mid=True)
-        fresh = _loop_of_4_3_0(model.get_submodule(_name(layer, mlp_input)), raw)
+        fresh = _norm_on_each_entry(model.get_submodule(_name(layer, mlp_input)), raw)
         kwargs = dict(layer=layer, mlp_input=mlp_input, incl_mid=True, apply_ln=True)
         assert torch.equal(cache.accumulated_resid(recompute_ln=True, **kwargs), fresh)
         assert torch.equal(cache.apply_ln_to_stack(raw, layer, mlp_input, recompute_ln=True), fresh)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # recompute_ln=False on unfolded weights
             cached = cache.accumulated_resid(recompute_ln=False, **kwargs)
-        assert torch.equal(cached, _cached_scale_of_4_3_0(cache, raw, layer, mlp_input))
+        assert torch.equal(cached, _cached_scale(cache, raw, layer, mlp_input))
         # The embeddings' own statistics, not the target's cached scale: far apart once the
         # residual has grown, that is for every target after the first block's ln1.
         if len(raw) > 1:
@@ -154,7 +162,7 @@ def test_no_hook_fires_and_hooks_left_on_the_norm_are_named() -> None:
         calls.clear()
         for kwargs, before in zip(targets, expected):
             name = _name(kwargs["layer"], kwargs["mlp_input"]).replace(".", r"\.")
-            with pytest.warns(UserWarning, match=rf"{name}\.hook_normalized.*not applied"):
+            with pytest.warns(UserWarning, match=rf"{name}\.hook_normalized.*do not run"):
                 assert torch.equal(cache.accumulated_resid(**kwargs), before)
     finally:
         model.reset_hooks()
@@ -178,3 +186,55 @@ def test_recompute_ln_without_apply_ln_raises(lens) -> None:
     _, cache = lens
     with pytest.raises(ValueError, match="together with apply_ln=True"):
         cache.accumulated_resid(recompute_ln=True)
+
+
+def _gemma4(dtype: torch.dtype) -> TransformerBridge:
+    """Gemma 4, whose adapter wraps every norm as a plain GeneralizedComponent."""
+    text = Gemma4TextConfig(
+        head_dim=8, vocab_size_per_layer_input=64, hidden_size_per_layer_input=4, **SMALL
+    )
+    vision = Gemma4VisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    hf_model = Gemma4ForConditionalGeneration(
+        Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+    )
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, param in hf_model.named_parameters():
+            if "norm" in key:
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+    return build_bridge_from_module(
+        hf_model.to(dtype).eval(),
+        "Gemma4ForConditionalGeneration",
+        hf_config=hf_model.config,
+        dtype=dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_wrapped_generically(dtype) -> None:
+    """The same contract where the adapter wraps a norm as a plain GeneralizedComponent: its
+    forward on each entry, in that forward's dtype; its hooks do not run and are named."""
+    model = _gemma4(dtype)
+    _, cache = model.run_with_cache(TOKENS)
+    for layer, mlp_input in TARGETS:
+        norm = model.get_submodule(_name(layer, mlp_input))
+        assert type(norm) is GeneralizedComponent
+        kwargs = dict(layer=layer, mlp_input=mlp_input, incl_mid=True)
+        expected = _norm_on_each_entry(norm, cache.accumulated_resid(**kwargs))
+        fresh = cache.accumulated_resid(apply_ln=True, recompute_ln=True, **kwargs)
+        assert expected.dtype == dtype and fresh.dtype == dtype
+        assert torch.equal(fresh, expected)
+    default = cache.accumulated_resid(apply_ln=True)
+    assert torch.equal(default, _norm_on_each_entry(model.ln_final, cache.accumulated_resid()))
+    calls = []
+    for hook_point in (model.ln_final.hook_in, model.ln_final.hook_out):
+        hook_point.add_hook(lambda tensor, hook: calls.append(hook.name) or 2 * tensor)
+    try:
+        with pytest.warns(UserWarning, match=r"ln_final\.hook_in, ln_final\.hook_out do not run"):
+            assert torch.equal(cache.accumulated_resid(apply_ln=True), default)
+    finally:
+        model.reset_hooks()
+    assert calls == []
