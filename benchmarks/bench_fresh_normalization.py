@@ -258,9 +258,9 @@ def main() -> None:
     compatibility_mode = gpt2_small()
     compatibility_mode.enable_compatibility_mode()
     measured = [
-        bench_model("GPT-2 small", gpt2_small(), tokens, repeats),
-        bench_model("GPT-2 small, folded", compatibility_mode, tokens, repeats),
-        bench_model("Llama-shaped RMSNorm", llama_shaped(args.quick), tokens, repeats),
+        bench_model("GPT-2", gpt2_small(), tokens, repeats),
+        bench_model("GPT-2 folded", compatibility_mode, tokens, repeats),
+        bench_model("Llama RMSNorm", llama_shaped(args.quick), tokens, repeats),
     ]
     return_freed_memory_at_once()
     rows, notes = zip(*(row() for row in measured))
@@ -270,14 +270,15 @@ def main() -> None:
     if args.quick:
         return
     cpu, cores, load = machine()
+    threads = torch.get_num_threads()
     text = (
         f"## {SECTION}\n\n"
-        f"Milliseconds, median of {repeats} interleaved runs, batch {batch} × {positions}, "
-        f"float32, {torch.get_num_threads()} thread(s), {cpu}:\n\n{table}\n"
+        f"ms, median of {repeats} interleaved runs, {batch} × {positions} tokens, float32, "
+        f"{threads} thread{'s' if threads > 1 else ''}, {cpu}:\n\n{table}\n"
         f"- Written by `benchmarks/{Path(sys.argv[0]).name}` (`make bench`), `apply_ln_to_stack` "
         f"on the accumulated-residual stack, torch {torch.__version__}, Python "
         f"{platform.python_version()}; {cores} cores, load average {load} at the start. Random-init "
-        "models; GPT-2 small folded = compatibility mode. walked = as PR 1 runs it; one call = "
+        "models: GPT-2 small, GPT-2 small in compatibility mode (folded), a Llama-shaped one. walked = as PR 1 runs it; one call = "
         "the same code with the walk's step above the stack's size; 4.3.0 loop = pristine "
         "4.3.0's `apply_ln_to_stack`, loaded from the release. Peak extra memory: the peak "
         "resident size during the call minus the size before, output included. Cached: "

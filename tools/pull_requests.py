@@ -83,10 +83,11 @@ PULL_REQUESTS = (
                 "Test recompute_ln: the norm's own forward, 4.3.0, and Hugging Face's norms\n\n"
                 "Unit: at every target, recompute_ln=True equals the target norm's forward on\n"
                 "each entry with torch.equal (LayerNorm from scratch and on processed weights,\n"
-                "RMSNorm, Gemma's 1 + w; float32 and bfloat16; the stack walked in one step\n"
-                "and in many); the default equals 4.3.0's loop and cached scale bit for bit;\n"
-                "no hook fires and hooks left on the norm are named in a warning; the cache\n"
-                "is untouched. Integration: Hugging Face's norm modules on Hugging Face's own\n"
+                "RMSNorm, Gemma's 1 + w, Gemma 4's norms wrapped as plain components;\n"
+                "float32 and bfloat16; the stack walked in one step and in many); the default\n"
+                "equals 4.3.0's loop and cached scale bit for bit; no hook fires and hooks left\n"
+                "on the norm are named in a warning that says they do not run; the cache is\n"
+                "untouched. Integration: Hugging Face's norm modules on Hugging Face's own\n"
                 "pre-norm residuals at every target, on GPT-2, GPT-NeoX and Llama built from\n"
                 "configs. Acceptance: the same on gpt2 and pythia-70m.",
                 adds=(
