@@ -180,11 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     header = machine_lines(args.threads, repeats)
     print("\n".join(header), flush=True)
     lines = [
-        f"Every stack entry ({N_LAYERS + 1}) at every position of a random GPT-2-shaped bridge "
-        f"(d_model {D_MODEL}, batch 1, float32, `chunk_size=64`), read with per-row next-token "
-        "`targets` or with `top_k=5`: pristine 4.3.0's `logit_lens`, this PR's on the same "
-        "call, and this PR's with `kl_to_final=True`. Peak memory: the most bytes of tensors "
-        "the call held at once, its output included (torch profiler).",
+        f"All {N_LAYERS + 1} entries at every position of a random GPT-2-shaped bridge "
+        f"(d_model {D_MODEL}, float32, `chunk_size=64`), per-row next-token `targets` or "
+        "`top_k=5`; peak: tensor bytes held at once (torch profiler).",
         "",
         *header,
         "",
