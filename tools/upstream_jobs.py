@@ -84,6 +84,8 @@ def mypy(tree: Path, report: Path) -> tuple[Counter, str]:
         if match := MYPY_ERROR.match(line):
             errors[f"{match['path']}: {match['message']}"] += 1
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
+    if done.returncode != 0 and not errors:  # a crash, not a type error: fail, never compare
+        errors[f"mypy exited {done.returncode} with no error line (see {report})"] += 1
     return errors, summary
 
 
