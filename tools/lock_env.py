@@ -20,9 +20,9 @@ names when the lock has several of that package.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.markers import Marker, default_environment
 
 ROOT_PACKAGE = "transformer-lens"
@@ -93,7 +93,9 @@ def main(argv: list[str]) -> int:
     command, lock, *names = argv
     if command == "constraints":
         pins = walk(lock, DEFAULT_GROUPS)
-        print(f"# From {lock} by tools/lock_env.py: uv sync's versions here, torch's family left out.")
+        print(
+            f"# From {lock} by tools/lock_env.py: uv sync's versions here, torch's family left out."
+        )
         for name, version in sorted(pins.items()):
             if not is_torch_family(name):
                 print(f"{name}=={version}")

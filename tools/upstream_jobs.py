@@ -27,30 +27,46 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-       "PYTHONDONTWRITEBYTECODE": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
 MYPY_ERROR = re.compile(r"^(?P<path>[^:\s]+):(?P<line>\d+): error: (?P<message>.*)$")
 
 
 def run(tree: Path, *args: str) -> subprocess.CompletedProcess:
     started = time.monotonic()
     done = subprocess.run(args, cwd=tree, env=ENV, text=True, capture_output=True)
-    print(f"  {tree}: `{' '.join(args[1:])}` exit {done.returncode}, "
-          f"{time.monotonic() - started:.0f} s")
+    print(
+        f"  {tree}: `{' '.join(args[1:])}` exit {done.returncode}, "
+        f"{time.monotonic() - started:.0f} s"
+    )
     return done
 
 
 def docstring(tree: Path, report: Path) -> tuple[Counter, str]:
     xml = report.with_suffix(".xml")
-    done = run(tree, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-               f"--junitxml={xml.resolve()}", "transformer_lens/")
+    done = run(
+        tree,
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        f"--junitxml={xml.resolve()}",
+        "transformer_lens/",
+    )
     report.write_text(done.stdout + done.stderr)
     failing: Counter = Counter()
     totals: Counter = Counter()
     for case in ET.parse(xml).iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        outcome = next((child.tag for child in case if child.tag in
-                        ("failure", "error", "skipped")), "passed")
+        outcome = next(
+            (child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed"
+        )
         totals[outcome] += 1
         if outcome in ("failure", "error"):
             failing[f"{outcome}: {name}"] += 1
@@ -68,6 +84,8 @@ def mypy(tree: Path, report: Path) -> tuple[Counter, str]:
         if match := MYPY_ERROR.match(line):
             errors[f"{match['path']}: {match['message']}"] += 1
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
+    if done.returncode != 0 and not errors:  # a crash, not a type error: fail, never compare
+        errors[f"mypy exited {done.returncode} with no error line (see {report})"] += 1
     return errors, summary
 
 
@@ -122,8 +140,10 @@ def main() -> int:
             print(f"  pristine only (fixed or moved): {item}")
         for item in sorted(new):
             print(f"  NEW in the stacked tree: {item}")
-        print(f"  {job}: {sum(new.values())} new against pristine 4.3.0"
-              f" (logs in {args.report_dir}/{job}-*.log)")
+        print(
+            f"  {job}: {sum(new.values())} new against pristine 4.3.0"
+            f" (logs in {args.report_dir}/{job}-*.log)"
+        )
         status |= bool(new)
     return status
 
