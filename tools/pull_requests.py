@@ -89,7 +89,9 @@ PULL_REQUESTS = (
                 "on the norm are named in a warning that says they do not run; the cache is\n"
                 "untouched. Integration: Hugging Face's norm modules on Hugging Face's own\n"
                 "pre-norm residuals at every target, on GPT-2, GPT-NeoX and Llama built from\n"
-                "configs. Acceptance: the same on gpt2 and pythia-70m.",
+                "configs. Acceptance: the same on gpt2 and pythia-70m, each model and its\n"
+                "Hugging Face reference loaded once per session (not slow: upstream's\n"
+                "acceptance job runs it).",
                 adds=(
                     "tests/unit/test_activation_cache_recompute_ln.py",
                     "tests/integration/test_recompute_ln_hf_ground_truth.py",
@@ -107,7 +109,8 @@ PULL_REQUESTS = (
                 "Docs: the logit lens and direct logit attribution, side by side\n\n"
                 "Which question each normalization answers, why the cached scale acts as a\n"
                 "softmax temperature on early layers, and recipes on TransformerBridge that the\n"
-                "test suite runs with their output checked.",
+                "test suite runs with their output checked, on a toy model whose weights come\n"
+                "from a seeded torch.Generator, not from Hugging Face's initializers.",
                 edits=("docs/source/index.md",),
                 adds=(
                     "docs/source/content/logit_lens.md",
