@@ -3,7 +3,8 @@
 Ground truth is Hugging Face's own norm modules applied to the pre-norm residuals of a separate
 Hugging Face copy of the model, captured with forward pre-hooks (``hidden_states[-1]`` is already
 normalized, so it is not used). Both models are in CI's model cache; each bridge and each Hugging
-Face copy loads once per session (the fixtures below, and the root conftest's ``gpt2_bridge``).
+Face copy loads once per session (the fixtures below). The bridges are this file's own, not the
+root conftest's ``gpt2_bridge``: other acceptance tests of the session change that one's dtype.
 """
 
 from typing import Dict
@@ -25,7 +26,7 @@ NORM_PATHS = {
 }
 # The session fixtures of each model: its bridge (raw, float32) and its Hugging Face copy.
 FIXTURES = {
-    "gpt2": ("gpt2_bridge", "gpt2_hf_model"),
+    "gpt2": ("gpt2_bridge_float32", "gpt2_hf_model"),
     "EleutherAI/pythia-70m": ("pythia_70m_bridge", "pythia_70m_hf_model"),
 }
 
@@ -34,12 +35,22 @@ def _hf_model(name: str):
     return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
 
 
+def _bridge(name: str):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(name, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def gpt2_bridge_float32():
+    """TransformerBridge wrapping gpt2, float32, no compatibility mode. Read-only use only."""
+    return _bridge("gpt2")
+
+
 @pytest.fixture(scope="session")
 def pythia_70m_bridge():
     """TransformerBridge wrapping EleutherAI/pythia-70m (no compatibility mode). Read-only use."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    return TransformerBridge.boot_transformers("EleutherAI/pythia-70m", device="cpu")
+    return _bridge("EleutherAI/pythia-70m")
 
 
 @pytest.fixture(scope="session")
