@@ -179,9 +179,7 @@ def bench_model(
     def row() -> Tuple[str, str]:
         with torch.no_grad():
             mib = {case: peak_extra_mib(calls[case]) for case in ("walked", "loop")}
-        table_row = (
-            f"| {name} | {ms['walked']:.1f} | {ms['one call']:.1f} | {ms['loop']:.1f} |"
-        )
+        table_row = f"| {name} | {ms['walked']:.1f} | {ms['one call']:.1f} | {ms['loop']:.1f} |"
         note = (
             f"- {name}, stack {shape}: `torch.equal` to 4.3.0 walked {same}, in one call "
             f"{same_in_one_call}; peak extra MiB walked / loop {mib['walked']:.1f} / "
@@ -283,9 +281,7 @@ def main() -> None:
         "4.3.0's `apply_ln_to_stack`, loaded from the release. Peak extra memory: the peak "
         "resident size during the call minus the size before, output included. Cached: "
         "`recompute_ln=False`; fused: one `F.layer_norm` (or RMS expression) over the stack, not "
-        "the norm's own arithmetic, to price exactness.\n"
-        + "\n".join(notes)
-        + "\n\n"
+        "the norm's own arithmetic, to price exactness.\n" + "\n".join(notes) + "\n\n"
     )
     write_section(text)
     print(f"written to {RESULTS.relative_to(ROOT)}")

@@ -70,8 +70,12 @@ def version_of(fork: Path, pr: PullRequest, path: str) -> str:
     if pull_requests_editing(path)[-1] is pr:
         return "HEAD"
     tag = f"pr/{pr.name}"
-    if subprocess.run(["git", "-C", str(fork), "rev-parse", "--verify", "--quiet", tag],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["git", "-C", str(fork), "rev-parse", "--verify", "--quiet", tag], capture_output=True
+        ).returncode
+        != 0
+    ):
         raise SystemExit(
             f"{path} is edited by {', '.join(p.name for p in pull_requests_editing(path))}: "
             f"{pr.name}'s version is read from tag {tag} in build/fork, which does not exist. "
