@@ -8,6 +8,8 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# A script run by hand where CUDA is (no tests; importing it would run it).
+collect_ignore = ["gpu_lens_on_cuda.py"]
 
 
 def pristine_module(upstream_path: str, directory: Path) -> ModuleType:
